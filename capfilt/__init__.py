@@ -1,0 +1,3 @@
+"""capfilt: BLIP's CapFilt dataset bootstrapping (download, pretrain, caption, filter) on Ray."""
+
+__version__ = "0.1.0"

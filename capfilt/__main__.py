@@ -1,0 +1,3 @@
+from capfilt.cli import app
+
+app(prog_name="capfilt")

@@ -1,0 +1,494 @@
+"""The download stage: web alt-text pairs in, Parquet shards of SAMPLE rows out, via img2dataset.
+
+img2dataset does the fetching, decoding and resizing (its Downloader and Resizer, one shard at a
+time, in-process). capfilt owns what img2dataset's distributors do not do reliably: the stable uid,
+per-shard retry and concurrency on Ray, one output row per input row whatever happens, atomic
+shard files and a stats file per shard that marks it done, so a rerun skips finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+import traceback
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from capfilt import schema as S
+from capfilt.errors import ConfigError, StageFailed
+from capfilt.shards import (
+    INPUTS_DIR,
+    MANIFEST,
+    SUMMARY,
+    TMP_DIR,
+    done_shards,
+    read_json,
+    read_shard_stats,
+    shard_name,
+    shard_path,
+    stats_path,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from capfilt.urllist import read_url_list
+
+log = logging.getLogger(__name__)
+
+STAGE = "download"
+
+
+class DownloadConfig(BaseModel):
+    """Options of the download stage; defaults suit real web data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(384, ge=8, le=4096)
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border"] = "keep_ratio"
+    encode_quality: int = Field(95, ge=1, le=100)
+    shard_size: int = Field(10_000, ge=1)
+    thread_count: int = Field(32, ge=1)
+    timeout: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0)  # per URL, inside img2dataset
+    min_image_size: int = Field(10, ge=0)
+    max_image_area: float = Field(50e6, gt=0)  # pixels; larger images fail as failed_to_resize
+    max_aspect_ratio: float = Field(10.0, gt=1)
+    max_attempts: int = Field(3, ge=1)  # per shard, ours
+    concurrency: int | None = Field(None, ge=1)  # shards in flight; default: the cluster's CPUs
+    cpus_per_task: float = Field(1.0, gt=0)
+    failure_budget: int = Field(0, ge=0)  # shards allowed to fail every attempt before the job fails
+    source: str = "web"
+
+
+# ---------------------------------------------------------------------------------------------
+# Screening: rows that are never fetched still get their row.
+# ---------------------------------------------------------------------------------------------
+
+
+def screen_rows(pairs: pa.Table) -> tuple[list[str | None], list[str | None]]:
+    """Status and reason for rows decided before any fetch: an unusable URL, or an exact repeat of
+    an earlier (url, text) row. None for rows to download."""
+    status: list[str | None] = []
+    reason: list[str | None] = []
+    first_uid: dict[tuple[str, str], str] = {}
+    for uid, url, text in zip(
+        pairs.column("uid").to_pylist(),
+        pairs.column("url").to_pylist(),
+        pairs.column("text").to_pylist(),
+        strict=True,
+    ):
+        url = (url or "").strip()
+        if not url:
+            status.append(S.INVALID_INPUT)
+            reason.append("url is empty")
+            continue
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme not in ("http", "https"):
+            status.append(S.INVALID_INPUT)
+            reason.append(f"unsupported url scheme {scheme!r}" if scheme else "url has no scheme")
+            continue
+        key = (url, text or "")
+        if key in first_uid:
+            status.append(S.DUPLICATE)
+            reason.append(f"same url and text as uid {first_uid[key]}")
+            continue
+        first_uid[key] = uid
+        status.append(None)
+        reason.append(None)
+    return status, reason
+
+
+# ---------------------------------------------------------------------------------------------
+# One shard, in a worker: pure function of (shard input file, config) -> shard + stats files.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Collected:
+    """Rows img2dataset hands back for one shard, keyed by our uid."""
+
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _collector_class(sink: _Collected) -> type:
+    """An img2dataset sample-writer class that keeps rows in memory instead of writing files."""
+
+    class _CollectingWriter:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def write(self, img_str: bytes | None, key: str, caption: str | None, meta: dict[str, Any]) -> None:
+            sink.rows[meta["uid"]] = {**meta, "image": img_str}
+
+        def close(self) -> None:
+            pass
+
+    return _CollectingWriter
+
+
+def _run_img2dataset(todo: pa.Table, work_dir: Path, cfg: DownloadConfig) -> _Collected:
+    """Fetch and resize the rows of `todo` (columns url, caption, uid) with img2dataset's own
+    Downloader and Resizer, in this process."""
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+
+    sink = _Collected()
+    if todo.num_rows == 0:
+        return sink
+    arrow_path = work_dir / "input.feather"
+    # img2dataset reads the shard as an Arrow IPC file and deletes it when done.
+    feather.write_feather(todo, arrow_path, compression="uncompressed")
+    resizer = Resizer(
+        image_size=cfg.image_size,
+        resize_mode=cfg.resize_mode,
+        resize_only_if_bigger=False,
+        encode_quality=cfg.encode_quality,
+        encode_format="jpg",
+        min_image_size=cfg.min_image_size,
+        max_image_area=cfg.max_image_area,
+        max_aspect_ratio=cfg.max_aspect_ratio,
+    )
+    downloader = Downloader(
+        sample_writer_class=_collector_class(sink),
+        resizer=resizer,
+        thread_count=cfg.thread_count,
+        save_caption=True,
+        extract_exif=False,
+        output_folder=str(work_dir),
+        column_list=["url", "caption", "uid"],
+        timeout=cfg.timeout,
+        number_sample_per_shard=max(todo.num_rows, 2),
+        oom_shard_count=5,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format="jpg",
+        retries=cfg.retries,
+        user_agent_token=None,
+        disallowed_header_directives=None,
+    )
+    downloader.download_shard((0, str(arrow_path)))
+    return sink
+
+
+def download_shard(
+    shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1
+) -> dict[str, Any]:
+    """Download one shard and write its Parquet file and then its stats file, both atomically.
+
+    Every input row becomes exactly one SAMPLE row. A row that img2dataset dropped (it logs and
+    skips rows whose processing raised) is written as failed_internal, never lost."""
+    cfg = DownloadConfig.model_validate_json(cfg_json)
+    out = Path(out_dir)
+    t0 = time.time()
+    pairs = pq.read_table(input_path)
+    status = pairs.column("pre_status").to_pylist()
+    reason = pairs.column("pre_reason").to_pylist()
+    fetch_idx = [i for i, s in enumerate(status) if s is None]
+    todo = pa.table(
+        {
+            "url": pairs.column("url").take(fetch_idx),
+            "caption": pairs.column("text").take(fetch_idx),
+            "uid": pairs.column("uid").take(fetch_idx),
+        }
+    )
+    work_dir = out / TMP_DIR / f"{shard_name(shard)}-{uuid.uuid4().hex[:8]}"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        got = _run_img2dataset(todo, work_dir, cfg).rows
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    n = pairs.num_rows
+    cols: dict[str, list[Any]] = {
+        k: [None] * n
+        for k in (
+            "status",
+            "reason",
+            "width",
+            "height",
+            "original_width",
+            "original_height",
+            "sha256",
+            "image",
+        )
+    }
+    for i, uid in enumerate(pairs.column("uid").to_pylist()):
+        if status[i] is not None:
+            cols["status"][i], cols["reason"][i] = status[i], reason[i]
+            continue
+        meta = got.get(uid)
+        if meta is None:
+            cols["status"][i], cols["reason"][i] = (
+                S.FAILED_INTERNAL,
+                "img2dataset returned no row (see worker log)",
+            )
+            continue
+        cols["status"][i] = meta["status"]
+        cols["reason"][i] = meta["error_message"] if meta["status"] != S.SUCCESS else None
+        for k in ("width", "height", "original_width", "original_height", "sha256"):
+            cols[k][i] = meta.get(k)
+        cols["image"][i] = meta["image"] if meta["status"] == S.SUCCESS else None
+
+    table = pa.Table.from_arrays(
+        [
+            pairs.column("uid"),
+            pairs.column("url"),
+            pairs.column("text"),
+            pairs.column("source"),
+            pairs.column("row"),
+            pa.array([shard] * n, pa.int32()),
+            *(pa.array(cols[f.name], f.type) for f in S.SAMPLE if f.name in cols),
+        ],
+        schema=S.SAMPLE,
+    )
+    write_parquet_atomic(shard_path(out, shard), table)
+    stats = shard_stats(table, shard, attempt, time.time() - t0)
+    write_json_atomic(stats_path(out, shard), stats)  # last: marks the shard done
+    Path(input_path).unlink(missing_ok=True)
+    return stats
+
+
+def shard_stats(table: pa.Table, shard: int, attempts: int, wall_s: float) -> dict[str, Any]:
+    statuses = Counter(table.column("status").to_pylist())
+    reasons = Counter(
+        f"{s}: {r}"
+        for s, r in zip(table.column("status").to_pylist(), table.column("reason").to_pylist(), strict=True)
+        if r is not None
+    )
+    return {
+        "stage": STAGE,
+        "shard": shard,
+        "rows_in": table.num_rows,
+        "rows_out": table.num_rows,
+        "status_counts": dict(sorted(statuses.items())),
+        "reason_counts": dict(reasons.most_common()),
+        "attempts": attempts,
+        "wall_s": round(wall_s, 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: read, screen, plan shards, run them on Ray with retry, summarise.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DownloadSummary:
+    rows_in: int
+    status_counts: dict[str, int]
+    reason_counts: dict[str, int]
+    shards_total: int
+    shards_written: int  # by this run
+    shards_skipped: int  # already done by an earlier run
+    shards_failed: dict[int, str]  # shard -> last error, after every attempt
+    shards_pending: int  # not run yet (max_shards), to do by a rerun
+    wall_s: float
+    out_dir: str
+
+    @property
+    def downloaded(self) -> int:
+        return self.status_counts.get(S.SUCCESS, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "downloaded": self.downloaded, "shards_failed": dict(self.shards_failed)}
+
+    def lines(self) -> list[str]:
+        failed = {k: v for k, v in self.status_counts.items() if k != S.SUCCESS}
+        out = [
+            f"rows in:         {self.rows_in}",
+            f"downloaded:      {self.downloaded}",
+            f"not downloaded:  {sum(failed.values())}",
+        ]
+        for status, count in sorted(failed.items(), key=lambda kv: -kv[1]):
+            out.append(f"  {status:<20} {count}")
+        top = list(self.reason_counts.items())[:8]
+        if top:
+            out.append("top reasons:")
+            out.extend(f"  {count:>6}  {reason[:90]}" for reason, count in top)
+        out.append(
+            f"shards:          {self.shards_total} total, {self.shards_written} written now, "
+            f"{self.shards_skipped} already done, {len(self.shards_failed)} failed, "
+            f"{self.shards_pending} left for a rerun"
+        )
+        out.append(f"wall time:       {self.wall_s:.1f} s")
+        out.append(f"output:          {self.out_dir}")
+        return out
+
+
+def _fingerprint(urls: Path, cfg: DownloadConfig, url_col: str, caption_col: str | None) -> dict[str, Any]:
+    """What makes an output folder reusable by a rerun: the same input file and shard layout."""
+    st = urls.stat()
+    h = hashlib.sha256()
+    with open(urls, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {
+        "stage": STAGE,
+        "input": str(urls.resolve()),
+        "input_sha256": h.hexdigest(),
+        "input_bytes": st.st_size,
+        "url_col": url_col,
+        "caption_col": caption_col,
+        "shard_size": cfg.shard_size,
+        "source": cfg.source,
+    }
+
+
+def _check_manifest(out: Path, fp: dict[str, Any], config: dict[str, Any]) -> None:
+    path = out / MANIFEST
+    if path.exists():
+        old = read_json(path)
+        if old.get("fingerprint") != fp:
+            diff = sorted(k for k in fp if old.get("fingerprint", {}).get(k) != fp[k])
+            raise ConfigError(
+                f"output folder {out} holds a download of a different input or shard layout "
+                f"(differs in {diff}); pass a new --out, or delete the folder to start again"
+            )
+    write_json_atomic(path, {"fingerprint": fp, "config": config})
+
+
+def run_download(
+    urls: str | Path,
+    out_dir: str | Path,
+    cfg: DownloadConfig | None = None,
+    url_col: str = "url",
+    caption_col: str | None = "caption",
+    input_format: str | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+    max_shards: int | None = None,
+) -> DownloadSummary:
+    """Download every row of a URL list into Parquet shards under `out_dir`, resuming if asked
+    again with the same input. `max_shards` stops after that many shards (a trial run; rerun to
+    finish)."""
+    import ray
+    from tqdm import tqdm
+
+    from capfilt.cluster import cluster_cpus, ensure_ray
+
+    cfg = cfg or DownloadConfig()
+    t0 = time.time()
+    urls, out = Path(urls), Path(out_dir)
+    pairs = read_url_list(
+        urls, url_col=url_col, caption_col=caption_col, source=cfg.source, input_format=input_format
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(out, _fingerprint(urls, cfg, url_col, caption_col), json.loads(cfg.model_dump_json()))
+
+    status, reason = screen_rows(pairs)
+    pairs = pairs.append_column("pre_status", pa.array(status, pa.string())).append_column(
+        "pre_reason", pa.array(reason, pa.string())
+    )
+    n_shards = math.ceil(pairs.num_rows / cfg.shard_size)
+    already = done_shards(out)
+    pending = [s for s in range(n_shards) if s not in already][:max_shards]
+    log.info(
+        "%d rows -> %d shards of %d (%d already done, %d to run)",
+        pairs.num_rows,
+        n_shards,
+        cfg.shard_size,
+        len(already),
+        len(pending),
+    )
+    # Workers get shard paths, not data.
+    inputs = out / INPUTS_DIR
+    inputs.mkdir(exist_ok=True)
+    for s in pending:
+        pq.write_table(pairs.slice(s * cfg.shard_size, cfg.shard_size), inputs / f"{shard_name(s)}.parquet")
+    del pairs
+
+    failed: dict[int, str] = {}
+    if pending:
+        ensure_ray(ray_address)
+        concurrency = cfg.concurrency or max(1, int(cluster_cpus() / cfg.cpus_per_task))
+        remote = ray.remote(download_shard).options(num_cpus=cfg.cpus_per_task, max_retries=0)
+        cfg_json = cfg.model_dump_json()
+        queue = list(pending)
+        attempts: Counter[int] = Counter()
+        in_flight: dict[Any, int] = {}
+        bar = tqdm(total=len(pending), desc="download shards", unit="shard", disable=not progress)
+        ok = 0
+
+        def submit(s: int) -> None:
+            attempts[s] += 1
+            path = str(inputs / f"{shard_name(s)}.parquet")
+            in_flight[remote.remote(s, path, str(out), cfg_json, attempts[s])] = s
+
+        while queue or in_flight:
+            while queue and len(in_flight) < concurrency:
+                submit(queue.pop(0))
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            s = in_flight.pop(ready[0])
+            try:
+                st = ray.get(ready[0])
+                ok += st["status_counts"].get(S.SUCCESS, 0)
+                bar.update(1)
+                bar.set_postfix(images=ok)
+                log.debug("shard %d done: %s", s, st["status_counts"])
+            except Exception as err:  # a worker died or the shard raised: our retry, not Ray's
+                msg = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+                if attempts[s] < cfg.max_attempts:
+                    log.warning("shard %d attempt %d failed (%s); retrying", s, attempts[s], msg)
+                    submit(s)
+                else:
+                    log.error("shard %d failed after %d attempts: %s", s, attempts[s], msg)
+                    log.debug("%s", traceback.format_exc())
+                    failed[s] = msg
+                    bar.update(1)
+        bar.close()
+    for leftover in (out / TMP_DIR, inputs):
+        if leftover.exists() and not any(leftover.iterdir()):
+            leftover.rmdir()
+
+    stats = read_shard_stats(out)
+    status_counts: Counter[str] = Counter()
+    reason_counts: Counter[str] = Counter()
+    for st in stats:
+        status_counts.update(st["status_counts"])
+        reason_counts.update(st["reason_counts"])
+    summary = DownloadSummary(
+        rows_in=sum(st["rows_in"] for st in stats)
+        + sum(_rows_of(inputs / f"{shard_name(s)}.parquet") for s in failed),
+        status_counts=dict(sorted(status_counts.items())),
+        reason_counts=dict(reason_counts.most_common()),
+        shards_total=n_shards,
+        shards_written=len(pending) - len(failed),
+        shards_skipped=len(already),
+        shards_failed=failed,
+        shards_pending=n_shards - len(already) - len(pending),
+        wall_s=time.time() - t0,
+        out_dir=str(out),
+    )
+    write_json_atomic(out / SUMMARY, summary.to_json())
+    if len(failed) > cfg.failure_budget:
+        names = ", ".join(f"{shard_name(s)} ({m})" for s, m in sorted(failed.items()))
+        raise StageFailed(
+            f"{len(failed)} download shard(s) failed every attempt, over the failure budget of "
+            f"{cfg.failure_budget}: {names}. Rerun the same command to retry them."
+        )
+    return summary
+
+
+def _rows_of(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+
+
+def read_samples(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All SAMPLE rows of a finished download folder, ordered by input row."""
+    out = Path(out_dir)
+    files = sorted(out.glob("[0-9]*.parquet"))
+    if not files:
+        return S.SAMPLE.empty_table() if columns is None else S.SAMPLE.empty_table().select(columns)
+    table = pa.concat_tables([pq.read_table(f, columns=columns, schema=S.SAMPLE) for f in files])
+    return table.sort_by("row") if "row" in table.column_names else table

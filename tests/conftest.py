@@ -1,0 +1,46 @@
+"""Shared fixtures: one local Ray instance per test session, and a small served shapes world."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# A starved Ray Data pipeline should fail fast in tests rather than wait 30 minutes.
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One embedded Ray instance for the whole session: ray.init costs seconds."""
+    import ray
+
+    from capfilt.cluster import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from capfilt.world import WorldConfig, make_world
+
+    out = tmp_path_factory.mktemp("world")
+    make_world(out, WorldConfig(seed=7, n_web=240, n_human=20, n_test=20, bad_rate=0.15))
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_world(small_world: Path) -> Iterator[tuple[Path, Path, object]]:
+    """(world dir, URL list, server) for the session."""
+    from capfilt.world import WorldServer, write_url_list
+
+    with WorldServer(small_world) as server:
+        urls = write_url_list(small_world, server.base_url, small_world / "urls.parquet")
+        yield small_world, urls, server
