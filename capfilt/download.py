@@ -259,10 +259,15 @@ def download_shard(
     return stats
 
 
+def _reason_key(status: str, reason: str) -> str:
+    """A reason as counted: the duplicate reason names the first row's uid, the count does not."""
+    return reason.split(" uid ")[0] if status == S.DUPLICATE else reason
+
+
 def shard_stats(table: pa.Table, shard: int, attempts: int, wall_s: float) -> dict[str, Any]:
     statuses = Counter(table.column("status").to_pylist())
     reasons = Counter(
-        f"{s}: {r}"
+        f"{s}: {_reason_key(s, r)}"
         for s, r in zip(table.column("status").to_pylist(), table.column("reason").to_pylist(), strict=True)
         if r is not None
     )

@@ -1,0 +1,78 @@
+"""Recipes: validation that names the field, and `capfilt run` of a miniature demo end to end."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from capfilt.cli import app
+from capfilt.errors import ConfigError
+from capfilt.recipe import load_recipe
+
+MINI = {
+    "name": "mini",
+    "out": "OUT",
+    "stages": ["world", "download"],
+    "world": {"seed": 3, "n_web": 120, "n_human": 10, "n_test": 10, "bad_rate": 0.1},
+    "download": {"image_size": 32, "shard_size": 50, "thread_count": 8, "timeout": 5, "source": "shapes"},
+}
+
+
+def _write(tmp_path, recipe):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_the_shipped_demo_recipe_is_valid():
+    rec = load_recipe("pipelines/demo.yaml")
+    assert rec.stages[:2] == ["world", "download"]
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"stages": ["world", "donwload"]}, "stages"),
+        ({"name": None}, "name"),
+        ({"download": {"image_size": "big"}}, "download.image_size"),
+        ({"download": {"shard_sise": 10}}, "download.shard_sise"),
+        ({"stages": ["download"], "urls": {"path": "/no/such/list.parquet"}}, "urls.path"),
+        ({"stages": ["download"]}, "urls"),
+    ],
+)
+def test_bad_recipes_name_the_field(tmp_path, change, field):
+    recipe = {**MINI, "out": str(tmp_path / "run"), **change}
+    if change.get("name", "x") is None:
+        del recipe["name"]
+    with pytest.raises(ConfigError) as err:
+        load_recipe(_write(tmp_path, recipe))
+    assert field in str(err.value)
+
+
+def test_recipes_never_execute_yaml_tags(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['touch pwned']\nout: x\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_run_a_miniature_recipe_then_rerun_skips_it(ray_local, tmp_path):
+    path = _write(tmp_path, {**MINI, "out": str(tmp_path / "run")})
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", str(path)])
+    assert first.exit_code == 0, first.output
+    assert "rows in:" in first.output and "downloaded:" in first.output and "wall time:" in first.output
+    assert (tmp_path / "run" / "download" / "_summary.json").exists()
+    second = runner.invoke(app, ["run", str(path)])
+    assert second.exit_code == 0, second.output
+    assert "0 written now" in second.output and "already done" in second.output
+
+
+def test_validate_command(tmp_path):
+    good = _write(tmp_path, {**MINI, "out": str(tmp_path / "run")})
+    assert CliRunner().invoke(app, ["validate", str(good)]).exit_code == 0
+    bad = _write(tmp_path, {**MINI, "stages": ["nope"]})
+    result = CliRunner().invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2 and "stages" in result.output
