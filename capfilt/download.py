@@ -101,7 +101,7 @@ def screen_rows(pairs: pa.Table) -> tuple[list[str | None], list[str | None]]:
         key = (url, text or "")
         if key in first_uid:
             status.append(S.DUPLICATE)
-            reason.append(f"same url and text as uid {first_uid[key]}")
+            reason.append(f"same url and text as an earlier row (uid {first_uid[key]})")
             continue
         first_uid[key] = uid
         status.append(None)
@@ -261,7 +261,7 @@ def download_shard(
 
 def _reason_key(status: str, reason: str) -> str:
     """A reason as counted: the duplicate reason names the first row's uid, the count does not."""
-    return reason.split(" uid ")[0] if status == S.DUPLICATE else reason
+    return reason.split(" (uid ")[0] if status == S.DUPLICATE else reason
 
 
 def shard_stats(table: pa.Table, shard: int, attempts: int, wall_s: float) -> dict[str, Any]:

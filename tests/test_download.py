@@ -175,7 +175,7 @@ def test_screen_rows_marks_unusable_urls_and_exact_repeats():
         S.DUPLICATE,
         None,
     ]
-    assert reason[5] == f"same url and text as uid {uids[0]}"
+    assert reason[5] == f"same url and text as an earlier row (uid {uids[0]})"
     assert "ftp" in reason[3]
 
 
