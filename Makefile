@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check capfilt tests benchmarks
 	$(BIN)/ruff format --check capfilt tests benchmarks
 	$(BIN)/mypy capfilt
+	$(BIN)/hadolint docker/Dockerfile
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
