@@ -118,6 +118,7 @@ CANDIDATE = pa.schema(
         pa.field("text_uid", pa.string(), nullable=False),
         pa.field("text", pa.string()),
         pa.field("text_source", pa.string(), nullable=False),  # one of TEXT_SOURCES
+        pa.field("text_index", pa.int32(), nullable=False),  # web 0; caption k of K; human caption i
         pa.field("itm_score", pa.float32()),  # filter's ITM softmax p(match)
         pa.field("itc_score", pa.float32()),  # filter's ITC cosine similarity
         pa.field("decision", pa.string(), nullable=False),  # "keep" | "drop"
@@ -141,7 +142,10 @@ CLEANED = pa.schema(
         pa.field("captioner_id", pa.string()),
         pa.field("filter_id", pa.string()),
         pa.field("url", pa.string()),
-        pa.field("image", pa.binary()),
+        pa.field("image", pa.binary()),  # encoded image; null when the run references images
+        # Where the image bytes are: a Parquet shard whose row with this uid holds them in `image`
+        # (a download shard), or an image file (human pairs from a Karpathy JSON).
+        pa.field("image_ref", pa.string()),
     ]
 )
 

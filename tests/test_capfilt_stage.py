@@ -1,0 +1,501 @@
+"""The CapFilt stage: the two batch functions without Ray (tiny random models), then the stage on
+local Ray over a real download of the served shapes world (accounting, schema, resume, modes,
+re-thresholding)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from capfilt import schema as S
+from capfilt.capfilt_stage import (
+    CANDIDATES_DIR,
+    CLEANED_DIR,
+    REASON_BELOW,
+    REASON_EMPTY,
+    REASON_UNDECODABLE,
+    CapFiltConfig,
+    caption_batch,
+    load_model,
+    pixel_column,
+    pixel_values,
+    preprocess_batch,
+    read_candidates,
+    read_cleaned,
+    resolve_model,
+    rethreshold,
+    run_capfilt,
+    score_batch,
+)
+from capfilt.cli import app
+from capfilt.download import DownloadConfig, read_samples, run_download
+from capfilt.errors import ConfigError
+from capfilt.model import create_med, get_config
+from capfilt.model.interop import export_captioner, export_filter
+from capfilt.shards import STATS_DIR
+from capfilt.text import pre_caption
+from capfilt.tokenizer import TokenIds, load_tokenizer, tokenize, train_wordpiece
+from capfilt.transforms import decode_image, test_transform
+
+# Short captions keep the random captioner cheap: [DEC] + 3 prompt tokens + up to 8 more.
+CFG = CapFiltConfig(k=2, max_length=12, min_length=5, batch_size=16)
+DOWNLOAD = DownloadConfig(image_size=64, shard_size=60, thread_count=8, timeout=5, source="shapes")
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny models run faster on one thread; two threads on a busy 2-core machine crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tokenizer trained on the world's captions, and a tiny random MED exported twice: as a
+    transformers captioner and as a transformers filter (tokenizer saved beside each)."""
+    root = tmp_path_factory.mktemp("models")
+    captions = pq.read_table(small_world / "web.parquet").column("caption").to_pylist()
+    tok = train_wordpiece([pre_caption(c) for c in captions], vocab_size=300)
+    ids = TokenIds.from_tokenizer(tok)
+    cfg = get_config("med-tiny").with_tokens(
+        vocab_size=ids.vocab_size,
+        pad_token_id=ids.pad,
+        sep_token_id=ids.sep,
+        dec_token_id=ids.bos,
+        enc_token_id=ids.enc,
+    )
+    torch.manual_seed(0)
+    med = create_med(cfg).eval()
+    _center_itm(med, tok, small_world)
+    return {
+        "captioner": export_captioner(med, root / "captioner", tok),
+        "filter": export_filter(med, root / "filter", tok),
+    }
+
+
+def _center_itm(med, tok, world: Path) -> None:
+    """Shift the random ITM head so the median web pair of the world scores 0.5: a random model's
+    scores differ only in the third decimal, and the threshold tests need keeps and drops."""
+    web = pq.read_table(world / "web.parquet").slice(0, 32).to_pydict()
+    raw = {
+        "uid": np.asarray([str(i) for i in range(32)], dtype=object),
+        "text": np.asarray(web["caption"], dtype=object),
+        "image": np.asarray([(world / p).read_bytes() for p in web["path"]], dtype=object),
+    }
+    scores = score_batch(med, tok, preprocess_batch(raw, [64]), CFG).column("itm_score").to_numpy()
+    logit = float(np.nanmedian(np.log(scores / (1 - scores))))  # NaN: unscored (empty text)
+    with torch.no_grad():
+        med.itm_head.bias[1] -= logit
+
+
+@pytest.fixture(scope="module")
+def loaded(models):
+    cap_ref, filt_ref = (
+        resolve_model(models["captioner"], "captioner"),
+        resolve_model(models["filter"], "filter"),
+    )
+    return (
+        load_model(cap_ref, "captioner", CFG),
+        load_model(filt_ref, "filter", CFG),
+        load_tokenizer(cap_ref.tokenizer),
+    )
+
+
+@pytest.fixture(scope="module")
+def raw_images(small_world: Path) -> list[bytes]:
+    web = pq.read_table(small_world / "web.parquet").slice(40, 6).column("path").to_pylist()
+    return [(small_world / p).read_bytes() for p in web]
+
+
+@pytest.fixture(scope="module")
+def batch(raw_images) -> dict:
+    """Six download rows: five world images (one with an empty web text) and one whose bytes do
+    not decode."""
+    n = 6
+    raw = {
+        "uid": np.asarray([f"uid{i}" for i in range(n)], dtype=object),
+        "text": np.asarray(
+            ["a red circle", "", "two green squares", "a blue star", "a yellow circle", "a big triangle"],
+            dtype=object,
+        ),
+        "row": np.arange(n),
+        "status": np.asarray([S.SUCCESS] * n, dtype=object),
+        "image": np.asarray([b if i != 4 else b"not a jpeg" for i, b in enumerate(raw_images)], dtype=object),
+    }
+    return preprocess_batch(raw, [64])
+
+
+def _take(batch: dict, rows: list[int]) -> dict:
+    return {k: np.asarray(v)[rows] for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- batch functions
+
+
+def test_preprocess_gives_test_transform_pixels_and_a_reason_per_bad_row(batch, raw_images):
+    assert [e == "" for e in batch["error"]] == [True, True, True, True, False, True]
+    assert batch["error"][4].startswith(REASON_UNDECODABLE)
+    ours = pixel_values(batch[pixel_column(64)][:1])
+    want = test_transform(64)(decode_image(raw_images[0])).unsqueeze(0)
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=0)
+
+
+def test_caption_batch_returns_k_captions_per_image(loaded, batch):
+    cap, _, tok = loaded
+    out = caption_batch(cap, tok, batch, CFG)
+    for i, captions in enumerate(out["captions"]):
+        if i == 4:
+            assert captions == [], "an undecodable image gets no caption"
+            continue
+        assert len(captions) == CFG.k and all(isinstance(c, str) and c for c in captions)
+        assert not any(c.startswith("a picture of") for c in captions), "the prompt is stripped"
+
+
+def test_captions_are_seeded_per_image_not_per_batch(loaded, batch):
+    cap, _, tok = loaded
+    whole = caption_batch(cap, tok, batch, CFG)["captions"]
+    split = [
+        c
+        for rows in ([0, 1], [2, 3, 4], [5])
+        for c in caption_batch(cap, tok, _take(batch, rows), CFG)["captions"]
+    ]
+    reordered = caption_batch(cap, tok, _take(batch, [5, 3, 1, 0, 2, 4]), CFG)["captions"]
+    assert [list(c) for c in split] == [list(c) for c in whole]
+    assert [list(reordered[[5, 3, 1, 0, 2, 4].index(i)]) for i in range(6)] == [list(c) for c in whole]
+    other_seed = caption_batch(cap, tok, batch, CFG.model_copy(update={"seed": 1}))["captions"]
+    assert [list(c) for c in other_seed] != [list(c) for c in whole]
+    assert whole[0][0] != whole[0][1], "the k captions of an image are different draws"
+
+
+def test_the_seeded_sampler_draws_from_the_top_k_nucleus():
+    from capfilt.capfilt_stage import _seeded_sampler_class
+
+    logits = torch.log(torch.tensor([[0.05, 0.4, 0.02, 0.3, 0.2, 0.03]]))
+    draws = 20000
+    uniforms = torch.rand(draws, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sampler = _seeded_sampler_class()(uniforms, start_len=1, top_p=0.8, top_k=4)
+    picks = sampler(torch.zeros(draws, 1, dtype=torch.long), logits.expand(draws, -1)).argmax(dim=-1)
+    # top 4: tokens 1, 3, 4, 0; the nucleus stops once 0.8 is reached: tokens 1, 3, 4 (0.9 of 0.95).
+    want = torch.tensor([0.0, 0.4, 0.0, 0.3, 0.2, 0.0]) / 0.9
+    got = torch.bincount(picks, minlength=6).double() / draws
+    torch.testing.assert_close(got, want.double(), atol=0.01, rtol=0)
+
+
+def test_beam_search_gives_k_captions(loaded, batch):
+    cap, _, tok = loaded
+    cfg = CFG.model_copy(update={"sample": False, "num_beams": 3, "k": 2})
+    out = caption_batch(cap, tok, _take(batch, [0, 1]), cfg)["captions"]
+    assert [len(c) for c in out] == [2, 2]
+    with pytest.raises(ValueError, match="beams"):
+        CapFiltConfig(sample=False, num_beams=2, k=3)
+
+
+def test_score_batch_scores_every_text_and_decides_by_threshold(loaded, batch):
+    cap, filt, tok = loaded
+    captioned = caption_batch(cap, tok, batch, CFG)
+    cands = score_batch(filt, tok, captioned, CFG).to_pylist()
+    # Every image's web text, then K captions for each decodable image.
+    assert len(cands) == 6 + CFG.k * 5
+    assert [c["text_source"] for c in cands[:3]] == ["web", "synthetic", "synthetic"]
+    by_uid = {u: [c for c in cands if c["uid"] == u] for u in batch["uid"]}
+    assert by_uid["uid1"][0]["reason"] == REASON_EMPTY and by_uid["uid1"][0]["itm_score"] is None
+    assert len(by_uid["uid4"]) == 1 and by_uid["uid4"][0]["reason"].startswith(REASON_UNDECODABLE)
+    scored = [c for c in cands if c["itm_score"] is not None]
+    assert len(scored) == 4 + CFG.k * 5
+    for c in scored:
+        assert 0.0 <= c["itm_score"] <= 1.0 and -1.0 <= c["itc_score"] <= 1.0
+        assert c["decision"] == ("keep" if c["itm_score"] >= CFG.threshold else "drop")
+        assert c["reason"] == (None if c["decision"] == "keep" else REASON_BELOW)
+    assert {c["decision"] for c in scored} == {"keep", "drop"}, "the centred ITM head gives both"
+    # Another threshold only moves the decisions.
+    median = float(np.median([c["itm_score"] for c in scored]))
+    again = score_batch(filt, tok, captioned, CFG.model_copy(update={"threshold": median})).to_pylist()
+    assert [c["itm_score"] for c in again] == [c["itm_score"] for c in cands]
+    assert all(
+        c["decision"] == ("keep" if c["itm_score"] >= median else "drop")
+        for c in again
+        if c["itm_score"] is not None
+    )
+
+
+def test_score_batch_encodes_each_image_once(loaded, batch, monkeypatch):
+    cap, filt, tok = loaded
+    captioned = caption_batch(cap, tok, batch, CFG)
+    encoded: list[int] = []
+    original = filt.encode_image
+    monkeypatch.setattr(
+        filt, "encode_image", lambda px, *a, **kw: encoded.append(px.shape[0]) or original(px, *a, **kw)
+    )
+    score_batch(filt, tok, captioned, CFG)
+    assert encoded == [5], "one call for the 5 decodable images, whatever their 14 texts"
+
+
+def test_score_batch_matches_the_model_on_each_pair_alone(loaded, batch):
+    cap, filt, tok = loaded
+    captioned = caption_batch(cap, tok, batch, CFG)
+    cands = score_batch(filt, tok, captioned, CFG).to_pylist()
+    pixels = pixel_values(batch[pixel_column(64)])
+    row_of = {u: i for i, u in enumerate(batch["uid"])}
+    with torch.inference_mode():
+        for c in cands:
+            if c["itm_score"] is None:
+                continue
+            embeds = filt.encode_image(pixels[row_of[c["uid"]] : row_of[c["uid"]] + 1])
+            t = tokenize(tok, [pre_caption(c["text"])], CFG.max_text_tokens)
+            alone = filt.itm_prob(embeds, t["input_ids"], t["attention_mask"]).item()
+            cosine = filt.itc_sim(embeds, t["input_ids"], t["attention_mask"]).item()
+            assert c["itm_score"] == pytest.approx(alone, abs=1e-5)
+            assert c["itc_score"] == pytest.approx(cosine, abs=1e-5)
+
+
+def test_filter_only_batch_scores_the_web_text_alone(loaded, batch):
+    _, filt, tok = loaded
+    cands = score_batch(filt, tok, batch, CFG)
+    assert cands.column("text_source").to_pylist() == ["web"] * 6
+
+
+def test_configuration_errors_fail_before_any_work(models, tmp_path):
+    with pytest.raises(ConfigError, match="--captioner, --filter or both"):
+        run_capfilt(tmp_path, tmp_path / "out")
+    with pytest.raises(ConfigError, match="a filter is a BlipForImageTextRetrieval"):
+        resolve_model(models["captioner"], "filter")
+    other = train_wordpiece(["completely different words here"], vocab_size=60, out_dir=tmp_path / "tok")
+    assert other is not None
+    with pytest.raises(ConfigError, match="does not fit"):
+        resolve_model(models["filter"], "filter", tokenizer=tmp_path / "tok")
+    with pytest.raises(ConfigError, match="no .parquet shards"):
+        run_capfilt(tmp_path, tmp_path / "out", filter=models["filter"])
+
+
+# ------------------------------------------------------------------------- the stage on Ray
+
+
+@pytest.fixture(scope="module")
+def downloaded(ray_local, served_world, tmp_path_factory) -> Path:
+    _, urls, _ = served_world
+    out = tmp_path_factory.mktemp("capfilt_dl") / "download"
+    run_download(urls, out, DOWNLOAD, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(downloaded, models, small_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("capfilt_run") / "run"
+    human = small_world / "human" / "karpathy_train.json"
+    summary = run_capfilt(
+        downloaded, out, models["captioner"], models["filter"], CFG, human=human, human_images=small_world
+    )
+    return out, summary
+
+
+def _rows(table: pa.Table) -> list[dict]:
+    return table.sort_by([("uid", "ascending"), ("text_uid", "ascending")]).to_pylist()
+
+
+def test_accounting_every_image_and_every_kept_text(downloaded, full_run):
+    out, summary = full_run
+    samples = read_samples(downloaded)
+    success = samples.filter(pc.equal(samples.column("status"), S.SUCCESS))
+    cands = read_candidates(out)
+    web = cands.filter(pc.equal(cands.column("text_source"), "web"))
+    # Every downloaded image appears exactly once as a web candidate; nothing else does.
+    assert sorted(web.column("uid").to_pylist()) == sorted(success.column("uid").to_pylist())
+    decodable = sum(not (r or "").startswith(REASON_UNDECODABLE) for r in web.column("reason").to_pylist())
+    synthetic = cands.filter(pc.equal(cands.column("text_source"), "synthetic"))
+    assert synthetic.num_rows == CFG.k * decodable
+    assert (
+        summary.texts_considered["web"] + summary.texts_considered["synthetic"]
+        == success.num_rows + CFG.k * decodable
+    )
+    assert summary.images == success.num_rows
+    assert sum(summary.rows_not_images.values()) == samples.num_rows - success.num_rows
+    # Every kept candidate is a cleaned row, and every cleaned row a kept candidate.
+    kept = cands.filter(pc.equal(cands.column("decision"), "keep"))
+    cleaned = read_cleaned(out)
+    assert sorted(cleaned.column("text_uid").to_pylist()) == sorted(kept.column("text_uid").to_pylist())
+    assert sum(summary.kept.values()) == cleaned.num_rows
+    assert len(set(cands.column("text_uid").to_pylist())) == cands.num_rows
+    # Per-shard stats add up to the summary, and decisions follow the threshold.
+    stats = [json.loads(p.read_text()) for p in sorted((out / STATS_DIR).glob("*.json"))]
+    assert sum(s["images"] for s in stats if s["kind"] == "web") == summary.images
+    images_with_kept = set(kept.column("uid").to_pylist())
+    assert summary.images_no_kept_text == len(set(web.column("uid").to_pylist()) - images_with_kept)
+    for c in cands.to_pylist():
+        if c["itm_score"] is not None:
+            assert c["decision"] == ("keep" if c["itm_score"] >= CFG.threshold else "drop")
+    assert 0 < summary.kept["web"] < summary.texts_considered["web"]
+
+
+def test_outputs_have_the_declared_schemas_and_load_as_training_input(downloaded, full_run):
+    out, _ = full_run
+    for f in sorted((out / CANDIDATES_DIR).glob("*.parquet")):
+        assert pq.read_schema(f) == S.CANDIDATE, f
+    for f in sorted((out / CLEANED_DIR).glob("*.parquet")):
+        assert pq.read_schema(f) == S.CLEANED, f
+    # The folder reads as one dataset in the CLEANED schema: the next round's pretraining input.
+    table = pq.read_table(out / CLEANED_DIR, schema=S.CLEANED)
+    assert table.num_rows == read_cleaned(out).num_rows > 0
+    urls = dict(zip(*read_samples(downloaded, ["uid", "url"]).to_pydict().values(), strict=True))
+    for row in table.to_pylist():
+        assert row["text"] and row["round"] == CFG.round
+        image = decode_image(row["image"])
+        assert image.size[0] > 0
+        if row["text_source"] != "human":
+            assert row["url"] == urls[row["uid"]] and row["image_ref"].endswith(".parquet")
+            assert row["captioner_id"].startswith("captioner-") and row["filter_id"].startswith("filter-")
+
+
+def test_human_pairs_pass_through(full_run, small_world):
+    out, summary = full_run
+    entries = json.loads((small_world / "human" / "karpathy_train.json").read_text())
+    human = read_cleaned(out).filter(pc.equal(read_cleaned(out).column("text_source"), "human"))
+    assert human.num_rows == len(entries) == summary.human_pairs
+    assert sorted(human.column("text").to_pylist()) == sorted(e["caption"] for e in entries)
+    first = human.to_pylist()[0]
+    assert first["image"] == Path(first["image_ref"]).read_bytes() and first["itm_score"] is None
+
+
+def test_rerun_skips_finished_shards_and_changes_nothing(downloaded, models, full_run, small_world):
+    out, _ = full_run
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.parquet")}
+    human = small_world / "human" / "karpathy_train.json"
+    summary = run_capfilt(
+        downloaded, out, models["captioner"], models["filter"], CFG, human=human, human_images=small_world
+    )
+    assert summary.shards_written == 0 and summary.shards_skipped == 5
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.parquet")} == before
+    with pytest.raises(ConfigError, match="differs in"):
+        run_capfilt(downloaded, out, models["captioner"], models["filter"], CFG.model_copy(update={"k": 3}))
+    with pytest.raises(ConfigError, match="rethreshold"):
+        run_capfilt(
+            downloaded,
+            out,
+            models["captioner"],
+            models["filter"],
+            CFG.model_copy(update={"threshold": 0.6}),
+            human=human,
+            human_images=small_world,
+        )
+
+
+def test_resume_after_a_crash_gives_the_same_rows(downloaded, models, full_run, small_world, tmp_path):
+    out, _ = full_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    # A crash after shard 00001's outputs but before its stats file; shard 00003 never written;
+    # a temp file left behind. Neither half-written shard may be trusted.
+    (resumed / STATS_DIR / "00001.json").unlink()
+    for d in (STATS_DIR, CANDIDATES_DIR, CLEANED_DIR):
+        for f in (resumed / d).glob("00003.*"):
+            f.unlink()
+    (resumed / CLEANED_DIR / ".00003.parquet.x.tmp").write_bytes(b"PAR1 half")
+    # Model batches are chunks of one shard: the redone shards are computed exactly as before,
+    # though this time no other shard runs beside them.
+    human = small_world / "human" / "karpathy_train.json"
+    summary = run_capfilt(
+        downloaded, resumed, models["captioner"], models["filter"], CFG, human=human, human_images=small_world
+    )
+    assert summary.shards_written == 2 and summary.shards_skipped == 3
+    assert _rows(read_candidates(resumed)) == _rows(read_candidates(out))
+    assert _rows(read_cleaned(resumed)) == _rows(read_cleaned(out))
+
+
+@pytest.fixture(scope="module")
+def one_shard(downloaded, tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("one_shard")
+    shutil.copy(downloaded / "00002.parquet", data / "00002.parquet")
+    return data
+
+
+def test_caption_only_writes_captions_for_every_image(one_shard, models, full_run, tmp_path):
+    # Human pairs from a folder of download shards this time.
+    summary = run_capfilt(
+        one_shard, tmp_path / "out", captioner=models["captioner"], cfg=CFG, human=one_shard
+    )
+    cleaned, cands = read_cleaned(tmp_path / "out"), read_candidates(tmp_path / "out")
+    human = cleaned.filter(pc.equal(cleaned.column("text_source"), "human"))
+    human_cands = cands.filter(pc.equal(cands.column("text_source"), "human"))
+    assert human_cands.num_rows == summary.human_pairs == summary.images  # one text per downloaded row
+    kept = human_cands.filter(pc.equal(human_cands.column("decision"), "keep"))
+    assert human.num_rows == kept.num_rows == summary.kept["human"] > 0
+    samples = {r["uid"]: r for r in pq.read_table(one_shard / "00002.parquet").to_pylist()}
+    assert all(samples[r["uid"]]["image"] == r["image"] for r in human.to_pylist())
+    cands = cands.filter(pc.invert(pc.equal(cands.column("text_source"), "human")))
+    assert cands.column("itm_score").null_count == cands.num_rows
+    synthetic = cands.filter(pc.equal(cands.column("text_source"), "synthetic"))
+    assert synthetic.num_rows == CFG.k * summary.images - CFG.k * summary.images_not_decodable > 0
+    assert set(synthetic.column("decision").to_pylist()) == {"keep"}
+    assert set(cands.column("filter_id").to_pylist()) == {None}
+    # Same seed, same captions as the full run.
+    full = read_candidates(full_run[0]).filter(
+        pc.equal(read_candidates(full_run[0]).column("text_source"), "synthetic")
+    )
+    full_texts = dict(zip(full.column("text_uid").to_pylist(), full.column("text").to_pylist(), strict=True))
+    assert all(
+        full_texts[u] == t
+        for u, t in zip(
+            synthetic.column("text_uid").to_pylist(), synthetic.column("text").to_pylist(), strict=True
+        )
+    )
+
+
+def test_filter_only_scores_the_existing_texts_and_can_reference_images(
+    one_shard, models, full_run, tmp_path
+):
+    run_capfilt(
+        one_shard,
+        tmp_path / "out",
+        filter=models["filter"],
+        cfg=CFG.model_copy(update={"images": "reference"}),
+    )
+    cleaned = read_cleaned(tmp_path / "out")
+    assert cleaned.num_rows > 0 and cleaned.column("image").null_count == cleaned.num_rows
+    source = pq.read_table(cleaned.column("image_ref")[0].as_py())
+    assert cleaned.column("uid")[0].as_py() in source.column("uid").to_pylist()
+    cands = read_candidates(tmp_path / "out")
+    assert set(cands.column("text_source").to_pylist()) == {"web"}
+    assert set(cands.column("captioner_id").to_pylist()) == {None}
+    full = read_candidates(full_run[0])
+    full_web = {r["text_uid"]: r["itm_score"] for r in full.to_pylist() if r["text_source"] == "web"}
+    for r in cands.to_pylist():
+        if r["itm_score"] is not None:
+            assert r["itm_score"] == pytest.approx(full_web[r["text_uid"]], abs=1e-5)
+
+
+def test_rethreshold_redecides_without_models(full_run, tmp_path):
+    out, summary = full_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    scores = [s for s in read_candidates(run).column("itm_score").to_pylist() if s is not None]
+    higher = float(np.quantile(scores, 0.75))
+    new = rethreshold(run, higher)
+    cands = read_candidates(run)
+    for c in cands.to_pylist():
+        if c["itm_score"] is not None:
+            assert c["decision"] == ("keep" if c["itm_score"] >= higher else "drop")
+    kept = cands.filter(pc.equal(cands.column("decision"), "keep"))
+    assert sorted(read_cleaned(run).column("text_uid").to_pylist()) == sorted(
+        kept.column("text_uid").to_pylist()
+    )
+    assert sum(new.kept.values()) < sum(summary.kept.values())
+    assert new.kept["human"] == summary.kept["human"]
+    # Back to the run's own threshold, from the command line: the very same rows as the run wrote.
+    result = CliRunner().invoke(app, ["rethreshold", "--run", str(run), "--threshold", str(CFG.threshold)])
+    assert result.exit_code == 0, result.output
+    assert "rethreshold summary" in result.output
+    assert _rows(read_cleaned(run)) == _rows(read_cleaned(out))
+    assert _rows(read_candidates(run)) == _rows(read_candidates(out))
