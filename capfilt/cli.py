@@ -150,7 +150,7 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Override the recipe's run folder.")] = None,
 ) -> None:
     """Run the stages a recipe names, skipping work already done."""
-    from capfilt.pipeline import run_recipe
+    from capfilt.pipeline import run_recipe, summary_blocks
     from capfilt.recipe import load_recipe
 
     t0 = time.time()
@@ -159,12 +159,218 @@ def run(
         result = run_recipe(rec)
     except (ConfigError, StageFailed) as err:
         _fail(err)
-    if result.world:
-        counts = result.world.get("counts", {})
-        _print_block("world", [f"{k}: {v}" for k, v in counts.items()] or [str(result.out / "world")])
-    if result.download:
-        _print_block("download", result.download.lines())
+    for title, lines in summary_blocks(result):
+        _print_block(title, lines)
     typer.echo(f"\nrun {rec.name} finished in {time.time() - t0:.1f} s; outputs in {result.out}")
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, tokenizer, final model.")],
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(help="Download or cleaned shard folder, or COCO-Karpathy JSON; repeat for more."),
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="Architecture name (see models/) or a MedConfig JSON.")
+    ] = "med-tiny",
+    init: Annotated[
+        str | None, typer.Option(help="Start from this checkpoint (capfilt, transformers or .pth).")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder; default: train a WordPiece on the data.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
+    gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker, bf16 autocast.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    steps: Annotated[int | None, typer.Option(help="Total optimizer steps.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (with --steps: whichever ends first).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Per worker (default 16).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 3e-4).")] = None,
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="Linear warmup (default 3000, or a tenth of --steps when less).")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Steps between checkpoints (default 1000).")
+    ] = None,
+    log_every: Annotated[int | None, typer.Option(help="Steps between log lines (default 50).")] = None,
+    seed: int = 0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster; default: local Ray.")
+    ] = None,
+) -> None:
+    """Pretrain MED with ITC + ITM + LM on Ray Train (BLIP's recipe); --resume continues a run."""
+    from pydantic import ValidationError
+
+    from capfilt.train import CONFIG_FILE, TrainConfig, run_training
+
+    options = {
+        "steps": steps,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup_steps": warmup_steps,
+        "checkpoint_every": checkpoint_every,
+        "log_every": log_every,
+    }
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        if resume and not data:
+            # Resuming needs no flags again: the run folder remembers them.
+            saved_path = out / CONFIG_FILE
+            if not saved_path.is_file():
+                raise ConfigError(f"nothing to resume in {out}: no {CONFIG_FILE}; pass --data to start a run")
+            saved = TrainConfig.model_validate_json(saved_path.read_text())
+            cfg = TrainConfig.model_validate(
+                saved.model_dump() | given | {"num_workers": workers, "use_gpu": gpu, "out_dir": str(out)}
+            )
+        else:
+            if not data:
+                raise ConfigError("pass --data with at least one shard folder or JSON file")
+            if "warmup_steps" not in given and steps is not None:
+                given["warmup_steps"] = min(3000, steps // 10)
+            cfg = TrainConfig(
+                model=model,
+                init=init,
+                tokenizer=str(tokenizer) if tokenizer else None,
+                data=[str(d) for d in data],
+                out_dir=str(out),
+                run_name="pretrain",
+                num_workers=workers,
+                use_gpu=gpu,
+                seed=seed,
+                **given,
+            )
+        summary = run_training(cfg, ray_address=ray_address, resume=resume)
+    except ValidationError as err:
+        _fail(ConfigError(f"invalid training options: {err}"))
+    except (ConfigError, ValueError, StageFailed) as err:
+        _fail(err)
+    _print_block("pretrain summary", summary.lines())
+
+
+@app.command("capfilt")
+def capfilt_cmd(
+    data: Annotated[Path, typer.Option(help="Download folder (SAMPLE shards) of the web images.")],
+    out: Annotated[Path, typer.Option(help="Run folder: cleaned/, candidates/, _stats/, _summary.json.")],
+    captioner: Annotated[
+        Path | None,
+        typer.Option(
+            help="Captioner: capfilt model folder, BlipForConditionalGeneration folder or BLIP .pth."
+        ),
+    ] = None,
+    filter_: Annotated[
+        Path | None,
+        typer.Option(
+            "--filter", help="Filter: capfilt model folder, BlipForImageTextRetrieval folder or BLIP .pth."
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder; default: the one saved with each model.")
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="Architecture of a .pth checkpoint, e.g. med-base.")
+    ] = None,
+    k: Annotated[int, typer.Option(help="Synthetic captions per image (BLIP: 1).")] = 1,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
+    beam: Annotated[
+        int | None, typer.Option(help="Beam search with N beams instead of nucleus sampling (1: greedy).")
+    ] = None,
+    min_length: Annotated[int, typer.Option(help="Tokens, counting [DEC] and the prompt.")] = 5,
+    max_length: Annotated[int, typer.Option(help="Tokens, counting [DEC] and the prompt.")] = 30,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help="[default: 1.1 when sampling, 1.0 for beam search]")
+    ] = None,
+    prompt: Annotated[
+        str, typer.Option(help="Decoder prompt, stripped from the captions.")
+    ] = "a picture of ",
+    seed: Annotated[
+        int, typer.Option(help="Caption k of image uid is sampled from seed (seed, uid, k).")
+    ] = 0,
+    threshold: Annotated[float, typer.Option(help="Keep a text when its ITM p(match) >= this.")] = 0.5,
+    images: Annotated[
+        str, typer.Option(help="include: copy image bytes into cleaned shards; reference: image_ref only.")
+    ] = "include",
+    round_: Annotated[int, typer.Option("--round", help="CapFilt round recorded on every row.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 32,
+    actors: Annotated[int, typer.Option(help="Actors per model.")] = 1,
+    captioner_actors: Annotated[int | None, typer.Option(help="[default: --actors]")] = None,
+    filter_actors: Annotated[int | None, typer.Option(help="[default: --actors]")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    human: Annotated[
+        Path | None, typer.Option(help="Human pairs to pass through: Karpathy-style JSON or a shards folder.")
+    ] = None,
+    human_images: Annotated[
+        Path | None, typer.Option(help="Folder the JSON's image paths are relative to. [default: its folder]")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster; default: local Ray.")
+    ] = None,
+    max_shards: Annotated[
+        int | None, typer.Option(help="Stop after this many input shards; rerun to finish.")
+    ] = None,
+) -> None:
+    """Caption and filter downloaded images (BLIP's CapFilt) into cleaned shards; reruns resume."""
+    from pydantic import ValidationError
+
+    from capfilt.capfilt_stage import CapFiltConfig, run_capfilt
+
+    try:
+        cfg = CapFiltConfig.model_validate(
+            {
+                "k": k,
+                "top_p": top_p,
+                "sample": beam is None,
+                "num_beams": beam or 1,
+                "min_length": min_length,
+                "max_length": max_length,
+                "repetition_penalty": repetition_penalty,
+                "prompt": prompt,
+                "seed": seed,
+                "threshold": threshold,
+                "images": images,
+                "round": round_,
+                "batch_size": batch_size,
+                "captioner_actors": captioner_actors or actors,
+                "filter_actors": filter_actors or actors,
+                "dtype": dtype,
+            }
+        )
+        summary = run_capfilt(
+            data,
+            out,
+            captioner,
+            filter_,
+            cfg,
+            ray_address,
+            tokenizer=tokenizer,
+            arch=arch,
+            human=human,
+            human_images=human_images,
+            max_shards=max_shards,
+        )
+    except ValidationError as err:
+        _fail(ConfigError(f"invalid CapFilt options: {err}"))
+    except (ConfigError, ValueError, StageFailed) as err:
+        _fail(err)
+    _print_block("capfilt summary", summary.lines())
+
+
+@app.command()
+def rethreshold(
+    run: Annotated[Path, typer.Option(help="A run folder written by `capfilt capfilt`.")],
+    threshold: Annotated[float, typer.Option(help="Keep a text when its ITM p(match) >= this.")],
+) -> None:
+    """Re-decide a CapFilt run at a new threshold from its candidates table; no model runs."""
+    from capfilt.capfilt_stage import rethreshold as rethreshold_run
+
+    try:
+        summary = rethreshold_run(run, threshold)
+    except (ConfigError, ValueError, StageFailed) as err:
+        _fail(err)
+    _print_block("rethreshold summary", summary.lines())
 
 
 @app.command()
