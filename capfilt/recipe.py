@@ -9,13 +9,32 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from capfilt.capfilt_stage import CapFiltConfig
 from capfilt.download import DownloadConfig
 from capfilt.errors import ConfigError
+from capfilt.evaluate import EvalConfig
 from capfilt.world import WorldConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = ("world", "download")
+#: Every stage a recipe may name, in the order they run.
+STAGES = ("world", "download", "pretrain", "finetune", "capfilt", "pretrain2", "evaluate")
+
+#: What BLIP fine-tunes with, before a recipe's own settings: the captioner learns LM only with a
+#: masked prompt; the filter learns ITC + ITM with positives by image id (several captions each).
+CAPTIONER_DEFAULTS: dict[str, Any] = {
+    "objectives": {"itc": 0.0, "itm": 0.0, "lm": 1.0},
+    "prompt": "a picture of ",
+    "schedule": "cosine",
+    "min_scale": 0.5,
+}
+FILTER_DEFAULTS: dict[str, Any] = {
+    "objectives": {"itc": 1.0, "itm": 1.0, "lm": 0.0, "positives": "image_id"},
+    "schedule": "cosine",
+    "min_scale": 0.5,
+}
+# Filled in by the pipeline, never by the recipe.
+_PIPELINE_TRAIN_FIELDS = ("data", "out_dir", "init", "run_name")
 
 
 class UrlListInput(BaseModel):
@@ -27,6 +46,42 @@ class UrlListInput(BaseModel):
     url_col: str = "url"
     caption_col: str | None = "caption"
     input_format: str | None = None
+    source: str = "web"
+
+
+class HumanInput(BaseModel):
+    """Human-annotated pairs as users have them: a COCO-Karpathy-style JSON and its image folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    karpathy_train: Path
+    karpathy_test: Path | None = None
+    image_root: Path | None = None  # default: the JSON's folder
+
+
+class ModelInit(BaseModel):
+    """Published checkpoints to start from instead of pretraining round 1 here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pretrained: str | None = None  # capfilt dir, transformers dir or BLIP .pth for round 1
+    captioner: str | None = None  # skip the captioner fine-tune and use this one
+    filter: str | None = None  # skip the filter fine-tune and use this one
+    tokenizer: str | None = None
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, nested dicts merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def train_config(section: dict[str, Any], *, data: list[Any], out_dir: str, **fixed: Any) -> Any:
+    from capfilt.train import TrainConfig
+
+    return TrainConfig.model_validate({**section, "data": data, "out_dir": out_dir, **fixed})
 
 
 class Recipe(BaseModel):
@@ -38,7 +93,14 @@ class Recipe(BaseModel):
     ray_address: str | None = None
     world: WorldConfig | None = None
     urls: UrlListInput | None = None
+    human: HumanInput | None = None
+    init: ModelInit = Field(default_factory=ModelInit)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    pretrain: dict[str, Any] = Field(default_factory=dict)  # TrainConfig fields; round 2 uses the same
+    finetune_captioner: dict[str, Any] = Field(default_factory=dict)
+    finetune_filter: dict[str, Any] = Field(default_factory=dict)
+    capfilt: CapFiltConfig = Field(default_factory=CapFiltConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -51,13 +113,43 @@ class Recipe(BaseModel):
             raise ValueError(
                 "urls: a download without the 'world' stage needs a 'urls:' section (a URL list)"
             )
-        if self.urls is not None and not self.urls.path.exists():
-            raise ValueError(f"urls.path: {self.urls.path} does not exist")
+        if "world" not in self.stages and self.world is None:
+            needs_human = {"pretrain", "finetune", "capfilt", "evaluate"} & set(self.stages)
+            if needs_human and self.human is None:
+                raise ValueError(
+                    f"human: stages {sorted(needs_human)} without the shapes world need a 'human:' section"
+                )
+        for label, path in (
+            ("urls.path", self.urls.path if self.urls else None),
+            ("human.karpathy_train", self.human.karpathy_train if self.human else None),
+            ("human.karpathy_test", self.human.karpathy_test if self.human else None),
+            ("human.image_root", self.human.image_root if self.human else None),
+        ):
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{label}: {path} does not exist")
+        # Training sections are checked as the TrainConfig each stage will build.
+        for name, section, defaults, used in (
+            ("pretrain", self.pretrain, {}, {"pretrain", "pretrain2"} & set(self.stages)),
+            ("finetune_captioner", self.finetune_captioner, CAPTIONER_DEFAULTS, "finetune" in self.stages),
+            ("finetune_filter", self.finetune_filter, FILTER_DEFAULTS, "finetune" in self.stages),
+        ):
+            if not used:
+                continue
+            banned = [k for k in _PIPELINE_TRAIN_FIELDS if k in section]
+            if banned:
+                raise ValueError(f"{name}.{banned[0]}: set by the pipeline, not the recipe")
+            try:
+                train_config(merge(defaults, section), data=["recipe-check"], out_dir="recipe-check")
+            except ValidationError as err:
+                first = err.errors()[0]
+                loc = ".".join([name, *(str(p) for p in first["loc"])])
+                raise ValueError(f"{loc}: {first['msg'].removeprefix('Value error, ')}") from None
         return self
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Parse and validate a recipe; errors name the field to change. YAML is read with safe_load."""
+    """Parse and validate a recipe; errors name the field to change. YAML is read with safe_load,
+    so a recipe can never run code."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"recipe {path} does not exist")
@@ -73,6 +165,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     except ValidationError as err:
         lines = []
         for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"]) or "(recipe)"
-            lines.append(f"  {loc}: {e['msg']}")
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
         raise ConfigError(f"recipe {path} is invalid:\n" + "\n".join(lines)) from err

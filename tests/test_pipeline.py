@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from capfilt.cli import app
+from capfilt.download import read_samples
 from capfilt.errors import ConfigError
 from capfilt.recipe import load_recipe
 
@@ -63,11 +66,28 @@ def test_run_a_miniature_recipe_then_rerun_skips_it(ray_local, tmp_path):
     runner = CliRunner()
     first = runner.invoke(app, ["run", str(path)])
     assert first.exit_code == 0, first.output
-    assert "rows in:" in first.output and "downloaded:" in first.output and "wall time:" in first.output
+    assert "rows in 133, downloaded" in first.output and "by status:" in first.output
     assert (tmp_path / "run" / "download" / "_summary.json").exists()
+    manifest = json.loads((tmp_path / "run" / "_stages" / "download.json").read_text())
+    assert manifest["status"] == "done" and manifest["result"]["rows_in"] == 133
     second = runner.invoke(app, ["run", str(path)])
     assert second.exit_code == 0, second.output
-    assert "0 written now" in second.output and "already done" in second.output
+    assert "world (unchanged, skipped)" in second.output and "download (unchanged, skipped)" in second.output
+
+
+def test_a_changed_stage_config_reruns_that_stage_only(ray_local, tmp_path):
+    path = _write(tmp_path, {**MINI, "out": str(tmp_path / "run")})
+    assert CliRunner().invoke(app, ["run", str(path)]).exit_code == 0
+    changed = {**MINI, "out": str(tmp_path / "run"), "download": {**MINI["download"], "image_size": 48}}
+    result = CliRunner().invoke(app, ["run", str(_write(tmp_path, changed))])
+    assert result.exit_code == 0, result.output
+    assert "world (unchanged, skipped)" in result.output and "download (unchanged" not in result.output
+    sizes = {
+        r["width"]
+        for r in read_samples(tmp_path / "run" / "download").to_pylist()
+        if r["status"] == "success"
+    }
+    assert sizes == {48}
 
 
 def test_validate_command(tmp_path):
