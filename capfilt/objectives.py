@@ -56,8 +56,11 @@ class ObjectiveConfig(BaseModel):
     alpha: float = Field(0.4, ge=0, le=1)
     # alpha rises linearly from 0 to `alpha` over this many steps (BLIP: the first 2 epochs); 0 = constant.
     alpha_ramp_steps: int = Field(0, ge=0)
-    # None takes MedConfig.queue_size. Must be a multiple of the global batch.
-    queue_size: int | None = Field(None, gt=0)
+    # None takes MedConfig.queue_size. Must be a multiple of the global batch. 0 turns the queues
+    # off: in-batch negatives only, as CLIP. A small model trained from scratch needs that (or
+    # ``distill``): with a queue but no momentum encoder, the in-batch columns get gradient and
+    # the queue's do not, which pulls every feature towards one direction and ITC collapses.
+    queue_size: int | None = Field(None, ge=0)
     # Momentum distillation for ITC. It also decides what the queues hold: the momentum encoders'
     # features (True, BLIP), or the trained model's own detached features with no momentum copy (False).
     distill: bool = True
@@ -199,6 +202,12 @@ class MedObjectives(nn.Module):
         # The last step's ITM negatives, for inspection and tests; None before the first ITM step.
         self.last_negatives: HardNegatives | None = None
 
+        if cfg.itc > 0 and not cfg.distill and self.queue_size > 0:
+            logger.warning(
+                "ITC has a queue (%d) but no momentum encoder (distill=False): features trained from "
+                "scratch tend to collapse this way; set queue_size=0 or distill=True",
+                self.queue_size,
+            )
         self.momentum_med: Med | None = None
         if cfg.itc > 0:
             if cfg.distill:
@@ -244,7 +253,7 @@ class MedObjectives(nn.Module):
     def check_batch_size(self, global_batch: int) -> None:
         """Fail fast unless the queue size is a multiple of the global batch (BLIP's assumption,
         which keeps every enqueue a contiguous slice). Call it before training starts."""
-        if self.cfg.itc > 0 and self.queue_size % global_batch:
+        if self.cfg.itc > 0 and self.queue_size and self.queue_size % global_batch:
             raise ConfigError(
                 f"queue_size {self.queue_size} is not a multiple of the global batch {global_batch}; "
                 f"set objectives.queue_size (or the model's queue_size) to a multiple of {global_batch}, "
@@ -278,6 +287,8 @@ class MedObjectives(nn.Module):
     @torch.no_grad()
     def _enqueue(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor) -> None:
         """Write the global batch's features [N, E] and ids [N] at the pointer, then advance it (mod Q)."""
+        if self.queue_size == 0:
+            return
         n = image_feat.shape[0]
         ptr = int(self.queue_ptr)
         self.image_queue[ptr : ptr + n] = image_feat

@@ -801,9 +801,9 @@ def plan_steps(cfg: TrainConfig, usable_rows: int, world: int) -> int | None:
 def _check_queue(cfg: TrainConfig, med_config: MedConfig) -> None:
     if cfg.objectives.itc <= 0:
         return
-    queue = cfg.objectives.queue_size or med_config.queue_size
+    queue = cfg.objectives.queue_size if cfg.objectives.queue_size is not None else med_config.queue_size
     global_batch = cfg.batch_size * cfg.num_workers
-    if queue % global_batch:
+    if queue and queue % global_batch:
         raise ConfigError(
             f"the ITC queue ({queue}) must be a multiple of the global batch ({cfg.batch_size} x "
             f"{cfg.num_workers} workers = {global_batch}), as in BLIP; change batch_size or objectives.queue_size"

@@ -402,3 +402,47 @@ def test_two_gloo_ranks_draw_itm_negatives_from_the_other_rank(monkeypatch):
     finally:
         while not ctx.join(timeout=60):
             pass
+
+
+def test_queue_size_zero_is_clip_in_batch_contrast_and_keeps_no_queue():
+    obj = build(itm=0, lm=0, distill=False, queue_size=0).eval()
+    pixels, ids, mask = make_batch()
+    loss = obj(pixels, ids, mask)["loss_itc"]
+    assert obj.image_queue.shape[0] == 0 and int(obj.queue_ptr) == 0
+    with torch.no_grad():
+        med = obj.med
+        logits = med.image_feat(med.encode_image(pixels)) @ med.text_feat(ids, mask).t() / med.temp
+        target = torch.arange(8)
+        clip = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    torch.testing.assert_close(loss, clip, rtol=1e-5, atol=1e-5)
+    obj.check_batch_size(48)  # no queue, so any global batch goes
+
+
+def test_queue_without_momentum_pulls_features_together_at_a_collapsed_start():
+    """Why a from-scratch run must not combine a queue with distill=False: when every feature is
+    the same vector v, in-batch CLIP gradients cancel (each column's softmax mass sums to 1), but
+    a queue of detached copies takes half the mass, leaving each text feature a net gradient along
+    -v, i.e. towards the image direction, which feeds the collapse. Measured by the projection of
+    the text-feature gradient on v."""
+    obj = build(itm=0, lm=0, distill=False, queue_size=8).eval()
+    torch.manual_seed(0)
+    v = F.normalize(torch.randn(1, 32), dim=1)
+    image_feat = F.normalize(v + 1e-3 * torch.randn(8, 32), dim=1)
+    text_feat = F.normalize(v + 1e-3 * torch.randn(8, 32), dim=1).requires_grad_(True)
+    ids = torch.arange(8)
+
+    def pull(queue: bool) -> float:
+        text_feat.grad = None
+        obj.image_queue.copy_(image_feat.detach())
+        obj.text_queue.copy_(text_feat.detach())
+        obj.queue_size = 8 if queue else 0
+        if not queue:
+            obj.image_queue, obj.text_queue = obj.image_queue[:0], obj.text_queue[:0]
+            obj.idx_queue = obj.idx_queue[:0]
+        loss = obj._itc(None, None, None, ids, image_feat, text_feat, step=0)  # type: ignore[arg-type]
+        loss.backward()
+        return float((text_feat.grad @ v.t()).mean())
+
+    with_queue, without = pull(True), pull(False)
+    assert with_queue < -0.2  # descent moves every text feature along +v (measured -0.45)
+    assert abs(without) < 0.05 * abs(with_queue), (with_queue, without)
