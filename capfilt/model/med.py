@@ -56,9 +56,9 @@ ALL_HEADS = frozenset({"itc", "itm", "lm"})
 # The submodules BLIP keeps momentum (EMA) copies of for ITC distillation.
 ITC_MODULES = ("vision_model", "vision_proj", "text_encoder", "text_proj")
 
-# Initialiser std for every Linear/Embedding/position table. transformers' BlipVisionConfig
-# defaults to 1e-10 (it assumes weights are loaded), which would leave a from-scratch ViT at zero.
-_INIT_STD = 0.02
+# The initialiser std is MedConfig.init_std (BLIP's 0.02 by default), set explicitly everywhere:
+# transformers' BlipVisionConfig defaults to 1e-10 (it assumes weights are loaded), which would
+# leave a from-scratch ViT at zero.
 
 
 def blip_vision_config(cfg: MedConfig) -> BlipVisionConfig:
@@ -74,7 +74,7 @@ def blip_vision_config(cfg: MedConfig) -> BlipVisionConfig:
         hidden_act="gelu",
         layer_norm_eps=v.layer_norm_eps,
         attention_dropout=v.attention_dropout,
-        initializer_range=_INIT_STD,
+        initializer_range=cfg.init_std,
     )
 
 
@@ -97,7 +97,7 @@ def blip_text_config(cfg: MedConfig) -> BlipTextConfig:
         layer_norm_eps=t.layer_norm_eps,
         hidden_dropout_prob=t.dropout,
         attention_probs_dropout_prob=t.attention_dropout,
-        initializer_range=_INIT_STD,
+        initializer_range=cfg.init_std,
         bos_token_id=t.dec_token_id,
         eos_token_id=t.sep_token_id,
         pad_token_id=t.pad_token_id,
@@ -117,7 +117,7 @@ def blip_config(cfg: MedConfig) -> BlipConfig:
         vision_config=blip_vision_config(cfg).to_dict(),
         image_text_hidden_size=cfg.embed_dim,
         label_smoothing=cfg.label_smoothing,
-        initializer_range=_INIT_STD,
+        initializer_range=cfg.init_std,
     )
 
 
