@@ -28,7 +28,13 @@ RESULTS = Path(__file__).parent / "results" / "download.json"
 def _ours(urls: Path, out: Path, image_size: int, shard_size: int, threads: int) -> tuple[float, int]:
     from capfilt.download import DownloadConfig, run_download
 
-    cfg = DownloadConfig(image_size=image_size, shard_size=shard_size, thread_count=threads, timeout=10)
+    cfg = DownloadConfig(
+        image_size=image_size,
+        shard_size=shard_size,
+        thread_count=threads,
+        timeout=10,
+        url_policy="allow_loopback",  # the world is served on 127.0.0.1
+    )
     t0 = time.perf_counter()
     summary = run_download(urls, out, cfg, progress=False)
     return time.perf_counter() - t0, summary.downloaded

@@ -41,7 +41,10 @@ def _download(root: Path, n_web: int) -> Path:
     with WorldServer(world) as server:
         urls = write_url_list(world, server.base_url, world / "urls.parquet")
         run_download(
-            urls, shards, DownloadConfig(image_size=64, shard_size=250, thread_count=8), progress=False
+            urls,
+            shards,
+            DownloadConfig(image_size=64, shard_size=250, thread_count=8, url_policy="allow_loopback"),
+            progress=False,
         )
     return shards
 

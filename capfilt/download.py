@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from capfilt import schema as S
 from capfilt.errors import ConfigError, StageFailed
+from capfilt.imageguard import GuardedResizer
+from capfilt.netsafety import blocked_kind, blocked_reason, safe_urlopen
 from capfilt.shards import (
     INPUTS_DIR,
     MANIFEST,
@@ -69,6 +71,11 @@ class DownloadConfig(BaseModel):
     cpus_per_task: float = Field(1.0, gt=0)
     failure_budget: int = Field(0, ge=0)  # shards allowed to fail every attempt before the job fails
     source: str = "web"
+    # Which addresses a URL (or a redirect) may reach. "public" refuses loopback, private,
+    # link-local and cloud metadata addresses; "allow_loopback" also allows 127.0.0.0/8 and ::1
+    # (the shapes world's local server); "allow_private" also allows private networks. Link-local
+    # (169.254.169.254) is refused under every policy.
+    url_policy: Literal["public", "allow_loopback", "allow_private"] = "public"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +166,11 @@ def _run_img2dataset(todo: pa.Table, work_dir: Path, cfg: DownloadConfig) -> _Co
         max_image_area=cfg.max_image_area,
         max_aspect_ratio=cfg.max_aspect_ratio,
     )
+    # Bombs are refused from the header, odd pixel formats made 8-bit RGB: see capfilt.imageguard.
+    guarded = GuardedResizer(resizer, cfg.max_image_area)
     downloader = Downloader(
         sample_writer_class=_collector_class(sink),
-        resizer=resizer,
+        resizer=guarded,
         thread_count=cfg.thread_count,
         save_caption=True,
         extract_exif=False,
@@ -187,7 +196,12 @@ def download_shard(
     """Download one shard and write its Parquet file and then its stats file, both atomically.
 
     Every input row becomes exactly one SAMPLE row. A row that img2dataset dropped (it logs and
-    skips rows whose processing raised) is written as failed_internal, never lost."""
+    skips rows whose processing raised) is written as failed_internal, never lost.
+
+    Every fetch, redirects included, goes through an opener that refuses addresses
+    `cfg.url_policy` forbids before connecting (capfilt.netsafety); such a row fails to download
+    with a reason that starts with "blocked: "."""
+    name = shard_name(shard)  # first: a shard id that is not a number never names a file
     cfg = DownloadConfig.model_validate_json(cfg_json)
     out = Path(out_dir)
     t0 = time.time()
@@ -202,10 +216,11 @@ def download_shard(
             "uid": pairs.column("uid").take(fetch_idx),
         }
     )
-    work_dir = out / TMP_DIR / f"{shard_name(shard)}-{uuid.uuid4().hex[:8]}"
+    work_dir = out / TMP_DIR / f"{name}-{uuid.uuid4().hex[:8]}"
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        got = _run_img2dataset(todo, work_dir, cfg).rows
+        with safe_urlopen(cfg.url_policy):
+            got = _run_img2dataset(todo, work_dir, cfg).rows
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -235,7 +250,9 @@ def download_shard(
             )
             continue
         cols["status"][i] = meta["status"]
-        cols["reason"][i] = meta["error_message"] if meta["status"] != S.SUCCESS else None
+        if meta["status"] != S.SUCCESS:
+            message = meta["error_message"]
+            cols["reason"][i] = blocked_reason(message) or message
         for k in ("width", "height", "original_width", "original_height", "sha256"):
             cols[k][i] = meta.get(k)
         cols["image"][i] = meta["image"] if meta["status"] == S.SUCCESS else None
@@ -260,8 +277,11 @@ def download_shard(
 
 
 def _reason_key(status: str, reason: str) -> str:
-    """A reason as counted: the duplicate reason names the first row's uid, the count does not."""
-    return reason.split(" (uid ")[0] if status == S.DUPLICATE else reason
+    """A reason as counted: the duplicate reason names the first row's uid and a blocked reason
+    the address; the count names neither."""
+    if status == S.DUPLICATE:
+        return reason.split(" (uid ")[0]
+    return blocked_kind(reason)
 
 
 def shard_stats(table: pa.Table, shard: int, attempts: int, wall_s: float) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pyarrow as pa
 # the occurrence number mixed in, so every input row still has a uid of its own.
 # ---------------------------------------------------------------------------------------------
 
-_SEP = "\x1f"  # ASCII unit separator: cannot appear in a URL and is stripped from no text
+_SEP = "\x1f"  # ASCII unit separator: no valid URL and hardly any text holds it
 
 
 def make_uid(source: str, url: str, text: str, occurrence: int = 0) -> str:
@@ -29,6 +29,13 @@ def make_uid(source: str, url: str, text: str, occurrence: int = 0) -> str:
     if occurrence:
         h.update(_SEP.encode())
         h.update(str(occurrence).encode())
+    if _SEP in source or _SEP in url or _SEP in text:
+        # A field holding the separator would make ("a<SEP>b", "c") and ("a", "b<SEP>c") hash the
+        # same; the field lengths at the end tell them apart. Added only here, so every other
+        # row keeps the uid it always had; and no such row can hash the bytes of one of these,
+        # which hold at least four separators to its three at most.
+        h.update(_SEP.encode())
+        h.update(f"lengths:{len(source)},{len(url)},{len(text)}".encode())
     return h.hexdigest()
 
 

@@ -21,6 +21,9 @@ SUMMARY = "_summary.json"
 
 
 def shard_name(shard: int) -> str:
+    """The file stem of shard number `shard` (a non-negative int: never text from the data)."""
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+        raise ValueError(f"a shard number must be a non-negative int, got {shard!r}")
     return f"{shard:05d}"
 
 
@@ -30,6 +33,29 @@ def shard_path(out_dir: Path, shard: int) -> Path:
 
 def stats_path(out_dir: Path, shard: int) -> Path:
     return out_dir / STATS_DIR / f"{shard_name(shard)}.json"
+
+
+def safe_component(name: str, what: str = "name") -> str:
+    """`name` if it is one plain path component (a file stem from the data, a manifest, a run
+    name), else ValueError: empty, ".", "..", a separator, a drive or a NUL would let a path built
+    from it leave its folder."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(c in name for c in ("/", "\\", "\x00"))
+        or Path(name).is_absolute()
+        or (len(name) >= 2 and name[1] == ":")
+    ):
+        raise ValueError(f"{what} {name!r} cannot name a file: it must be one plain path component")
+    return name
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """`root` joined with `parts`, each checked by safe_component: a path that stays in `root`."""
+    path = root
+    for part in parts:
+        path = path / safe_component(part, "path component")
+    return path
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:

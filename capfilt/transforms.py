@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import logging
 from collections.abc import Sequence
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data.auto_augment import NAME_TO_OP, RandAugment, rand_augment_ops
 from torchvision import transforms as T
+
+# Decoding lives in a module without torch, for the download workers; it is re-exported here.
+from capfilt.imagedecode import decode_image
 
 __all__ = [
     "BLIP_RANDAUGMENT_OPS",
@@ -20,8 +19,6 @@ __all__ = [
     "test_transform",
     "train_transform",
 ]
-
-logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -113,64 +110,3 @@ def test_transform(image_size: int) -> T.Compose:
 # The name is the one the rest of capfilt uses; this keeps pytest from collecting it as a test
 # when a test module imports it.
 test_transform.__test__ = False  # type: ignore[attr-defined]
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes (JPEG, PNG, WebP, GIF, ...) to an RGB PIL image, EXIF orientation applied.
-
-    Transparency is composited onto white; 16-bit and 32-bit grayscale are scaled to 8 bits (not
-    clipped); palette, CMYK and grayscale are converted to RGB. Raises ``ValueError`` saying why
-    for empty, truncated, unrecognised or oversized (decompression bomb) input, so callers can
-    record the reason on the row and go on.
-    """
-    if not data:
-        raise ValueError("cannot decode image: no bytes (empty or None)")
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            return _to_rgb(_apply_exif_orientation(opened))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        head = bytes(data[:8]).hex()
-        raise ValueError(
-            f"cannot decode image ({len(data)} bytes, starting {head}): {type(err).__name__}: {err}"
-        ) from err
-
-
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """A new image turned upright per its EXIF tag; a malformed tag is ignored, not fatal."""
-    try:
-        upright = ImageOps.exif_transpose(image)  # a copy even when there is nothing to turn
-    except Exception as err:  # Pillow raises assorted types on broken EXIF; the pixels are still fine
-        logger.debug("ignoring unreadable EXIF orientation: %s", err)
-        upright = None
-    return upright if upright is not None else image.copy()
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode == "RGB" and "transparency" not in image.info:
-        return image
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        mode = image.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("L", "RGB") and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_scale_to_uint8(image)).convert("RGB")  # uint8 (H, W) -> "L"
-    return image.convert("RGB")
-
-
-def _scale_to_uint8(image: Image.Image) -> np.ndarray:
-    """High bit-depth grayscale to uint8: Pillow's own convert clips at 255, turning most pixels white."""
-    array = np.asarray(image)
-    if image.mode.startswith("I;16"):
-        scaled = array.astype(np.float64) / 257.0  # 0..65535 -> 0..255
-    elif image.mode == "F":
-        peak = float(array.max(initial=0.0))
-        scaled = array * 255.0 if peak <= 1.0 else array.astype(np.float64)
-    else:  # "I": 32-bit ints, in practice 16-bit PNG data or already 8-bit
-        peak = float(array.max(initial=0))
-        scaled = array / 257.0 if peak > 255 else array.astype(np.float64)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

@@ -55,7 +55,21 @@ def _read_table(path: Path, fmt: str) -> pa.Table:
 
 def _as_text(table: pa.Table, col: str, path: Path) -> pa.Array:
     arr = table.column(col).combine_chunks()
+    if pa.types.is_dictionary(arr.type):  # pandas categoricals written to Parquet
+        arr = arr.dictionary_decode()
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return arr.cast(pa.string())
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        # Parquet bytes columns, and csv columns that are not valid UTF-8 (the csv reader types
+        # those as bytes): text if they decode, else say which row does not.
+        for i, raw in enumerate(arr.to_pylist()):
+            try:
+                (raw or b"").decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(
+                    f"column {col!r} of URL list {path} is not UTF-8 text (row {i}: {err.reason} at "
+                    f"byte {err.start}); save the file as UTF-8"
+                ) from err
         return arr.cast(pa.string())
     if pa.types.is_null(arr.type):
         return pa.nulls(len(arr), pa.string())

@@ -48,7 +48,9 @@ from capfilt.transforms import decode_image, test_transform
 
 # Short captions keep the random captioner cheap: [DEC] + 3 prompt tokens + up to 8 more.
 CFG = CapFiltConfig(k=2, max_length=12, min_length=5, batch_size=16)
-DOWNLOAD = DownloadConfig(image_size=64, shard_size=60, thread_count=8, timeout=5, source="shapes")
+DOWNLOAD = DownloadConfig(
+    image_size=64, shard_size=60, thread_count=8, timeout=5, source="shapes", url_policy="allow_loopback"
+)
 
 
 # ------------------------------------------------------------------------------------ fixtures

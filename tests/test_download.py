@@ -17,7 +17,9 @@ from capfilt.errors import ConfigError
 from capfilt.shards import INPUTS_DIR, stats_path
 from capfilt.urllist import read_url_list
 
-CFG = DownloadConfig(image_size=64, shard_size=60, thread_count=8, timeout=5, source="shapes")
+CFG = DownloadConfig(
+    image_size=64, shard_size=60, thread_count=8, timeout=5, source="shapes", url_policy="allow_loopback"
+)
 
 
 def _labels(world: Path) -> pa.Table:

@@ -134,3 +134,37 @@ def test_write_url_list(world_dir: Path, tmp_path: Path, ext: str) -> None:
 def test_write_url_list_rejects_unknown_format(world_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=".parquet"):
         write_url_list(world_dir, "http://x", tmp_path / "urls.txt")
+
+
+def _location(server: WorldServer, path: str) -> tuple[int, str | None]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Location")
+    finally:
+        conn.close()
+
+
+def test_redirect_paths(server: WorldServer, world_dir: Path) -> None:
+    image = "images/web/w000000.jpg"
+    assert _location(server, f"/redirect/2/{image}") == (302, f"/redirect/1/{image}")
+    assert _location(server, f"/redirect/0/{image}") == (302, f"/{image}")
+    assert _location(server, "/redirect/loop/x.jpg") == (302, "/redirect/loop/x.jpg")
+    assert _location(server, "/redirect/host/10.0.0.1:8080/a/b.jpg") == (302, "http://10.0.0.1:8080/a/b.jpg")
+    assert _location(server, "/redirect/nonsense/x.jpg")[0] == 404
+    # urllib follows a chain to the image.
+    status, body, _ = _get(f"{server.base_url}/redirect/3/{image}")
+    assert status == 200 and body == (world_dir / image).read_bytes()
+
+
+def test_slow_paths_answer_for_the_rest_of_the_path(server: WorldServer, world_dir: Path) -> None:
+    image = "images/web/w000000.jpg"
+    status, body, _ = _get(f"{server.base_url}/slow/0/{image}")
+    assert status == 200 and body == (world_dir / image).read_bytes()
+    assert _get(f"{server.base_url}/slow/0/status/503/x.jpg")[0] == 503
+    assert _get(f"{server.base_url}/slow/soon/{image}")[0] == 404
+    assert _get(f"{server.base_url}/slow/nan/{image}")[0] == 404
+    # A slow answer is slow: a client with a shorter timeout gives up.
+    with pytest.raises(TimeoutError):
+        urllib.request.urlopen(f"{server.base_url}/slow/2/{image}", timeout=0.3)

@@ -53,21 +53,87 @@ def test_missing_caption_column_is_allowed_when_not_asked_for(tmp_path):
     assert read_url_list(path, caption_col=None).column("text").to_pylist() == [""]
 
 
-BAD_LISTS = {
+BAD_LISTS: dict[str, tuple[str | bytes | None, str]] = {
     "missing.parquet": (None, "does not exist"),
     "empty.csv": ("", "empty"),
+    "empty.tsv": ("", "empty"),
+    "empty.parquet": (b"", "empty"),
+    "empty.jsonl": ("", "empty"),
+    "blank-lines.csv": ("\n\n", "empty"),
+    "blank-lines.jsonl": ("\n\n", "no rows"),
     "header-only.csv": ("url,caption\n", "no rows"),
     "list.txt": ("http://h/1.jpg\n", "extension"),
+    "garbage.parquet": (b"\x00\x01not parquet" * 8, "not readable as parquet"),
+    "not-json.jsonl": ("this is not json\n", "not readable as jsonl"),
+    "ragged.csv": ("url,caption\nhttp://h/1.jpg,x,extra\n", "not readable as csv"),
+    # A column that changes type between lines.
+    "mixed.jsonl": (
+        '{"url": "http://h/1.jpg", "caption": "x"}\n{"url": 5, "caption": "y"}\n',
+        "changed from",
+    ),
+    "list-url.jsonl": ('{"url": ["http://h/1.jpg"], "caption": "x"}\n', "must hold text"),
+    "object-caption.jsonl": ('{"url": "http://h/1.jpg", "caption": {"en": "x"}}\n', "must hold text"),
+    "latin1.csv": ("url,caption\nhttp://h/1.jpg,caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BAD_LISTS))
 def test_bad_url_lists_fail_with_a_message(tmp_path, name):
     content, match = BAD_LISTS[name]
-    if content is not None:
+    if isinstance(content, bytes):
+        (tmp_path / name).write_bytes(content)
+    elif content is not None:
         (tmp_path / name).write_text(content)
     with pytest.raises(ConfigError, match=match):
         read_url_list(tmp_path / name)
+
+
+BAD_TABLES = {
+    "zero-rows": (
+        pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}),
+        "no rows",
+    ),
+    "no-caption-column": (pa.table({"url": ["http://h/1.jpg"]}), r"no column 'caption' \(--caption-col\)"),
+    "bool-url": (pa.table({"url": [True], "caption": ["x"]}), "'url' .* has type bool; it must hold text"),
+    "struct-caption": (
+        pa.table({"url": ["http://h/1.jpg"], "caption": [{"x": 1}]}),
+        "'caption' .* has type struct",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TABLES))
+def test_bad_parquet_columns_fail_with_a_message(tmp_path, name):
+    table, match = BAD_TABLES[name]
+    pq.write_table(table, tmp_path / "l.parquet")
+    with pytest.raises(ConfigError, match=match):
+        read_url_list(tmp_path / "l.parquet")
+
+
+def test_dictionary_and_bytes_columns_are_read_as_text(tmp_path):
+    """pandas categoricals and Parquet byte columns holding UTF-8 are text, not wrong types."""
+    table = pa.table(
+        {
+            "url": pa.array(["http://h/1.jpg", "http://h/2.jpg"]).dictionary_encode(),
+            "caption": pa.array(["caf\u00e9".encode(), b"x"], pa.binary()),
+        }
+    )
+    pq.write_table(table, tmp_path / "l.parquet")
+    pairs = read_url_list(tmp_path / "l.parquet")
+    assert pairs.column("url").to_pylist() == ["http://h/1.jpg", "http://h/2.jpg"]
+    assert pairs.column("text").to_pylist() == ["caf\u00e9", "x"]
+
+
+@pytest.mark.parametrize("name", ["empty.parquet", "ragged.csv", "mixed.jsonl", "latin1.csv"])
+def test_cli_refuses_a_bad_list_before_writing_anything(tmp_path, name):
+    content, match = BAD_LISTS[name]
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else str(content).encode())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["download", "--urls", str(path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output
+    assert not out.exists(), "nothing may be written before the input is validated"
 
 
 def test_a_folder_is_not_a_url_list(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import mimetypes
 import posixpath
 import threading
@@ -12,15 +13,27 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
-# Paths under status/<code>/ answer with that HTTP status, for bad inputs that fail server-side.
+# Special paths, for bad inputs that fail (or succeed the hard way) on the server's side:
+#   status/<code>/<any>         answers with that HTTP status (400..599)
+#   slow/<seconds>/<path>       waits that long (at most MAX_DELAY_S), then answers for <path>:
+#                               a timeout for any downloader whose timeout is shorter
+#   redirect/<n>/<path>         302 to redirect/<n-1>/<path>, and redirect/0/<path> to /<path>:
+#                               a chain of n + 1 redirects
+#   redirect/loop/<any>         302 to itself, forever
+#   redirect/host/<host[:port]>/<path>
+#                               302 to http://<host[:port]>/<path>: another server, or an
+#                               internal address a URL policy must refuse
 _STATUS_PREFIX = "status/"
+_SLOW_PREFIX = "slow/"
+_REDIRECT_PREFIX = "redirect/"
+MAX_DELAY_S = 30.0
 
 
 def _content_type(path: Path, head: bytes) -> str:
@@ -67,24 +80,43 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s - %s", self.address_string(), format % args)
 
     def _serve(self, body: bool) -> None:
-        status, data, ctype = self._resolve()
+        status, data, ctype, location = self._resolve()
         self.server.owner._record(self.command, self.path, status)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        if location is not None:
+            self.send_header("Location", location)
         self.end_headers()
         if body:
             self.wfile.write(data)
 
-    def _resolve(self) -> tuple[int, bytes, str]:
+    def _resolve(self) -> tuple[int, bytes, str, str | None]:
         rel = unquote(urlsplit(self.path).path)
         if not rel.startswith("/"):
-            return _error(HTTPStatus.BAD_REQUEST)
+            return (*_error(HTTPStatus.BAD_REQUEST), None)
         rel = rel[1:]
         parts = rel.split("/")
         # Refuse rather than normalise: a request with .. or an absolute path is never one of ours.
         if rel.startswith("/") or "\\" in rel or any(p in ("..", ".") for p in parts) or "\x00" in rel:
-            return _error(HTTPStatus.FORBIDDEN)
+            return (*_error(HTTPStatus.FORBIDDEN), None)
+        if rel.startswith(_SLOW_PREFIX) and len(parts) >= 3:
+            try:
+                delay = float(parts[1])
+            except ValueError:
+                delay = math.nan
+            if math.isnan(delay):
+                return (*_error(HTTPStatus.NOT_FOUND), None)
+            # Waits on the server's stop event, so stop() never waits for a slow answer.
+            self.server.owner._stopping.wait(min(max(delay, 0.0), MAX_DELAY_S))
+            rel, parts = "/".join(parts[2:]), parts[2:]
+        if rel.startswith(_REDIRECT_PREFIX) and len(parts) >= 3:
+            location = _redirect_target(parts)
+            if location is not None:
+                return HTTPStatus.FOUND.value, b"", "text/plain; charset=utf-8", location
+        return (*self._file(rel, parts), None)
+
+    def _file(self, rel: str, parts: list[str]) -> tuple[int, bytes, str]:
         if rel.startswith(_STATUS_PREFIX) and len(parts) >= 3 and parts[1].isdigit():
             code = int(parts[1])
             if 400 <= code <= 599:
@@ -97,6 +129,19 @@ class _Handler(BaseHTTPRequestHandler):
             return _error(HTTPStatus.NOT_FOUND)
         data = path.read_bytes()
         return HTTPStatus.OK, data, _content_type(path, data[:64])
+
+
+def _redirect_target(parts: list[str]) -> str | None:
+    """Location of a redirect/ path (split on "/"), or None if it is not a well-formed one."""
+    how, rest = parts[1], quote("/".join(parts[2:]))
+    if how == "loop":
+        return "/" + quote("/".join(parts))
+    if how == "host" and len(parts) >= 4:
+        return f"http://{parts[2]}/" + quote("/".join(parts[3:]))
+    if how.isdigit():
+        n = int(how)
+        return f"/{_REDIRECT_PREFIX}{n - 1}/{rest}" if n > 0 else f"/{rest}"
+    return None
 
 
 def _error(status: HTTPStatus) -> tuple[int, bytes, str]:
@@ -119,12 +164,14 @@ class WorldServer:
         self.host, self.port = host, port
         self.access_log: list[tuple[str, str, int]] = []
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> WorldServer:
         if self._httpd is not None:
             return self
+        self._stopping.clear()
         self._httpd = _Server((self.host, self.port), self.root, self)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(
@@ -137,6 +184,7 @@ class WorldServer:
     def stop(self) -> None:
         if self._httpd is None:
             return
+        self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
