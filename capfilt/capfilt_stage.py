@@ -60,7 +60,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from capfilt import schema as S
 from capfilt.errors import ConfigError, StageFailed
-from capfilt.shards import MANIFEST, STATS_DIR, SUMMARY, read_json, write_json_atomic, write_parquet_atomic
+from capfilt.logs import log_context
+from capfilt.shards import (
+    MANIFEST,
+    STATS_DIR,
+    SUMMARY,
+    read_json,
+    safe_component,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from capfilt.text import pre_caption
 
 if TYPE_CHECKING:
@@ -1393,7 +1402,8 @@ def run_capfilt(
     log.info("%d input shards (%d already done, %d to run)", len(plans), len(done), len(todo))
     for h in humans:
         if not _done(out, h.name):
-            _write_human_shard(out, h, cfg)
+            with log_context(shard=h.name):
+                _write_human_shard(out, h, cfg)
     written = 0
     empty = [p for p in todo if p.images == 0]
     for p in empty:  # nothing for the models: write the (empty) outputs now
@@ -1407,9 +1417,12 @@ def run_capfilt(
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for name, part in _by_shard(batch):
                 if tally[name].add(part) and tally[name].images == busy[name].images:
-                    st = _write_web_shard(out, busy[name], tally.pop(name).parts, ids, cfg, t0)
-                    written += 1
-                    log.info("shard %s done: %d images, %d kept texts", name, st["images"], st["rows_out"])
+                    with log_context(shard=name):
+                        st = _write_web_shard(out, busy[name], tally.pop(name).parts, ids, cfg, t0)
+                        written += 1
+                        log.info(
+                            "shard %s done: %d images, %d kept texts", name, st["images"], st["rows_out"]
+                        )
         log.debug("Ray Data stats:\n%s", ds.stats())
         unfinished = sorted(n for n in busy if not _done(out, n))
         if unfinished:
@@ -1464,7 +1477,10 @@ def rethreshold(run: str | Path, threshold: float) -> CapFiltSummary:
     if manifest.get("stage") != STAGE:
         raise ConfigError(f"{run} holds the output of stage {manifest.get('stage')!r}, not a CapFilt run")
     cfg = CapFiltConfig.model_validate(manifest["config"] | {"threshold": threshold})
-    inputs = {k: Path(v) for k, v in manifest["inputs"].items()}
+    try:  # shard names become file names below: none may lead out of the run folder
+        inputs = {safe_component(k, "shard name"): Path(v) for k, v in manifest["inputs"].items()}
+    except ValueError as err:
+        raise ConfigError(f"{path} is damaged: {err}") from err
     web = [n for n in inputs if _done(run, n)]
     if cfg.images == "include":
         gone = sorted(str(inputs[n]) for n in web if not inputs[n].is_file())

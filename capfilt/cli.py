@@ -24,11 +24,10 @@ log = logging.getLogger("capfilt")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from capfilt.logs import FORMAT, install
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT, datefmt="%H:%M:%S")
+    install(logging.getLogger().handlers)  # " [stage shard]" after the logger name
     for noisy in ("urllib3", "filelock", "fsspec", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -117,9 +116,23 @@ def download(
     ray_address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster; default: local Ray.")
     ] = None,
+    url_policy: Annotated[
+        str,
+        typer.Option(
+            help="Addresses a URL or redirect may reach: public (refuses loopback, private, link-local "
+            "and cloud metadata addresses), allow_loopback (also 127.0.0.0/8 and ::1, e.g. `capfilt "
+            "world serve`) or allow_private (also private networks). Link-local is always refused."
+        ),
+    ] = "public",
+    allow_loopback: Annotated[
+        bool, typer.Option("--allow-loopback", help="Short for --url-policy allow_loopback.")
+    ] = False,
 ) -> None:
     """Download a URL list with img2dataset on Ray into Parquet shards, one row per input row."""
     from capfilt.download import DownloadConfig, run_download
+
+    if allow_loopback and url_policy == "public":
+        url_policy = "allow_loopback"
 
     try:
         cfg = DownloadConfig(
@@ -129,6 +142,7 @@ def download(
             timeout=timeout,
             retries=retries,
             source=source,
+            url_policy=url_policy,  # type: ignore[arg-type]  # pydantic checks it: a clear error
         )
         summary = run_download(
             urls,
@@ -148,14 +162,20 @@ def download(
 def run(
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe, e.g. pipelines/demo.yaml.")],
     out: Annotated[Path | None, typer.Option(help="Override the recipe's run folder.")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Override the recipe's ray_address (e.g. auto); 'local': local Ray.")
+    ] = None,
 ) -> None:
     """Run the stages a recipe names, skipping work already done."""
     from capfilt.pipeline import run_recipe, summary_blocks
     from capfilt.recipe import load_recipe
 
     t0 = time.time()
+    overrides: dict[str, str | None] = {"out": str(out)} if out else {}
+    if ray_address:
+        overrides["ray_address"] = None if ray_address == "local" else ray_address
     try:
-        rec = load_recipe(recipe, {"out": str(out)} if out else None)
+        rec = load_recipe(recipe, overrides)
         result = run_recipe(rec)
     except (ConfigError, StageFailed) as err:
         _fail(err)
@@ -374,15 +394,42 @@ def rethreshold(
 
 
 @app.command()
-def validate(recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")]) -> None:
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")],
+    check_paths: Annotated[
+        bool,
+        typer.Option(
+            "--check-paths/--skip-paths",
+            help="Check that the recipe's input files exist (skip: a cluster recipe, checked elsewhere).",
+        ),
+    ] = True,
+) -> None:
     """Check a recipe without running it."""
     from capfilt.recipe import load_recipe
 
     try:
-        rec = load_recipe(recipe)
+        rec = load_recipe(recipe, check_paths=check_paths)
     except ConfigError as err:
         _fail(err)
-    typer.echo(f"recipe {recipe} is valid: stages {', '.join(rec.stages)}; run folder {rec.out}")
+    unchecked = "" if check_paths else " (input paths not checked)"
+    typer.echo(f"recipe {recipe} is valid{unchecked}: stages {', '.join(rec.stages)}; run folder {rec.out}")
+
+
+@app.command()
+def status(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run folder of `capfilt run`, or one stage's output folder.")
+    ],
+) -> None:
+    """Summarise a run, finished or in progress: stages done, shards done, failures by reason."""
+    from capfilt.status import run_status
+
+    try:
+        st = run_status(run_dir)
+    except ConfigError as err:
+        _fail(err)
+    for line in st.lines():
+        typer.echo(line)
 
 
 def entry() -> None:  # pragma: no cover - for `python -m capfilt`

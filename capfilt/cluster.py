@@ -13,7 +13,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     With no address, an embedded local instance starts with no dashboard. Its logical CPU count is
     at least 4: on a 2-core machine a stage whose actors take whole CPUs would otherwise starve its
-    own read tasks (see docs). With an address ("auto" or "ray://host:port") we join that cluster.
+    own read tasks (see docs). With an address ("auto" or "ray://host:port"), or RAY_ADDRESS set in
+    the environment, we join that cluster.
     """
     import ray
 
@@ -23,6 +24,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # albumentations (imported by img2dataset) checks the network for updates on import.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # A Ray job's entrypoint (KubeRay RayJob, `ray job submit`) gets the cluster in RAY_ADDRESS.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capfilt.logs import log_context
 from capfilt.recipe import CAPTIONER_DEFAULTS, FILTER_DEFAULTS, Recipe, merge, train_config
 from capfilt.shards import read_json, write_json_atomic
 
@@ -37,6 +38,7 @@ class RunResult:
     out: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> manifest
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was scaled to fit the Ray cluster
 
 
 class Run:
@@ -271,6 +273,7 @@ def _capfilt_stage(run: Run) -> dict[str, Any]:
             cfg=rec.capfilt,
             ray_address=rec.ray_address,
             tokenizer=tuned["captioner"]["tokenizer_dir"],
+            arch=rec.init.arch,
             human=karpathy,
             human_images=root,
         )
@@ -287,7 +290,12 @@ def _pretrain2_stage(run: Run) -> dict[str, Any]:
     r1 = run.manifest("pretrain")["result"]
     fixed = {"tokenizer": r1["tokenizer_dir"]}
     return _train(
-        run, "pretrain2", rec.pretrain, [{"path": str(run.dir("capfilt"))}], ["capfilt", "pretrain"], **fixed
+        run,
+        "pretrain2",
+        rec.pretrain,
+        [{"path": str(run.dir("capfilt") / "cleaned")}],  # CLEANED shards (web, synthetic and human)
+        ["capfilt", "pretrain"],
+        **fixed,
     )
 
 
@@ -331,7 +339,7 @@ def evaluate_run(run: Run, d: Path) -> dict[str, Any]:
         if not run.has(stage):
             continue
         res = run.manifest(stage)["result"]
-        med = load_checkpoint(res["model_dir"])
+        med = load_checkpoint(res["model_dir"], rec.init.arch)
         tok = load_tokenizer(res["tokenizer_dir"])
         log.info("evaluate: %s (%s)", label, res["model_dir"])
         rounds[label] = evaluate_model(med, tok, split, rec.evaluate, world=world)
@@ -387,11 +395,53 @@ RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
 }
 
 
+def fit_to_cluster(recipe: Recipe) -> tuple[Recipe, list[str]]:
+    """Start or join Ray when a stage needs it and scale the recipe's resource requests to the
+    cluster (``capfilt.resources.fit_resources``). On a local instance the scaled recipe runs; on a
+    cluster we join, whose autoscaler may still add GPU nodes, the recipe runs as written and the
+    same message is a warning."""
+    import os
+
+    from capfilt.resources import describe, fit_resources, ray_stages
+
+    if not ray_stages(recipe):
+        return recipe, []
+    import ray
+
+    from capfilt.cluster import ensure_ray
+
+    ensure_ray(recipe.ray_address)
+    available = {k: float(v) for k, v in ray.cluster_resources().items()}
+    fitted, changes = fit_resources(recipe, available)
+    if not changes:
+        return recipe, []
+    if recipe.ray_address or os.environ.get("RAY_ADDRESS"):
+        note = (
+            describe(available, changes) + " (not applied: the autoscaler may add nodes; tasks wait for them)"
+        )
+        log.warning("%s", note)
+        return recipe, [note]
+    note = describe(available, changes)
+    log.warning("%s", note)
+    return fitted, [note]
+
+
+RUN_FILE = "_run.json"
+
+
 def run_recipe(recipe: Recipe) -> RunResult:
+    recipe, notes = fit_to_cluster(recipe)
     run = Run(recipe)
     run.out.mkdir(parents=True, exist_ok=True)
+    run.result.notes = notes
+    # What `capfilt status` needs to list stages that have not started yet.
+    write_json_atomic(
+        run.out / RUN_FILE,
+        {"name": recipe.name, "stages": recipe.stages, "started": time.time(), "resources": notes},
+    )
     for name in recipe.stages:
-        RUNNERS[name](run)
+        with log_context(stage=name):
+            RUNNERS[name](run)
     return run.result
 
 
@@ -422,7 +472,7 @@ def summary_blocks(result: RunResult) -> list[tuple[str, list[str]]]:
     """(title, lines) per stage that ran or was skipped, in run order."""
     from capfilt.report import round_rows, summary_table
 
-    blocks: list[tuple[str, list[str]]] = []
+    blocks: list[tuple[str, list[str]]] = [("resources", result.notes)] if result.notes else []
     for name, m in result.stages.items():
         r = m.get("result") or {}
         title = f"{name}" + (

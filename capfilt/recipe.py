@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from capfilt.capfilt_stage import CapFiltConfig
 from capfilt.download import DownloadConfig
@@ -68,6 +68,7 @@ class ModelInit(BaseModel):
     captioner: str | None = None  # skip the captioner fine-tune and use this one
     filter: str | None = None  # skip the filter fine-tune and use this one
     tokenizer: str | None = None
+    arch: str | None = None  # architecture of the BLIP .pth files above (e.g. med-base); dirs carry theirs
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +83,12 @@ def train_config(section: dict[str, Any], *, data: list[Any], out_dir: str, **fi
     from capfilt.train import TrainConfig
 
     return TrainConfig.model_validate({**section, "data": data, "out_dir": out_dir, **fixed})
+
+
+def _paths_must_exist(info: ValidationInfo) -> bool:
+    """Whether input paths must exist: yes, unless validated with context {"check_paths": False}
+    (a cluster recipe checked on a machine without its data)."""
+    return not (isinstance(info.context, dict) and info.context.get("check_paths") is False)
 
 
 class Recipe(BaseModel):
@@ -103,7 +110,7 @@ class Recipe(BaseModel):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> Recipe:
+    def _check(self, info: ValidationInfo) -> Recipe:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"stages: unknown stage(s) {unknown}; known stages are {list(STAGES)}")
@@ -113,6 +120,17 @@ class Recipe(BaseModel):
             raise ValueError(
                 "urls: a download without the 'world' stage needs a 'urls:' section (a URL list)"
             )
+        if "download" in self.stages and "world" in self.stages:
+            # With the 'world' stage the download's only source is the world's own server on
+            # 127.0.0.1 (pipeline._served_world), which the default policy refuses: allow loopback
+            # there, and only there. A recipe that says url_policy: public cannot work; say so.
+            if "url_policy" not in self.download.model_fields_set:
+                self.download = self.download.model_copy(update={"url_policy": "allow_loopback"})
+            elif self.download.url_policy == "public":
+                raise ValueError(
+                    "download.url_policy: the 'world' stage serves its images on 127.0.0.1, which "
+                    "'public' refuses; use allow_loopback"
+                )
         if "world" not in self.stages and self.world is None:
             needs_human = {"pretrain", "finetune", "capfilt", "evaluate"} & set(self.stages)
             if needs_human and self.human is None:
@@ -125,13 +143,38 @@ class Recipe(BaseModel):
             ("human.karpathy_test", self.human.karpathy_test if self.human else None),
             ("human.image_root", self.human.image_root if self.human else None),
         ):
-            if path is not None and not Path(path).exists():
+            if path is not None and not Path(path).exists() and _paths_must_exist(info):
                 raise ValueError(f"{label}: {path} does not exist")
+        pth = [
+            f"init.{k}"
+            for k in ("pretrained", "captioner", "filter")
+            if str(getattr(self.init, k) or "").endswith((".pth", ".pt"))
+        ]
+        if pth and self.init.arch is None:
+            raise ValueError(
+                f"init.arch: {', '.join(pth)} is a BLIP .pth; name its architecture (e.g. med-base)"
+            )
+        if pth and self.init.tokenizer is None:
+            raise ValueError(
+                f"init.tokenizer: {', '.join(pth)} is a BLIP .pth, which holds no tokenizer; name a "
+                "tokenizer folder (a saved bert-base-uncased)"
+            )
         # Training sections are checked as the TrainConfig each stage will build.
         for name, section, defaults, used in (
             ("pretrain", self.pretrain, {}, {"pretrain", "pretrain2"} & set(self.stages)),
-            ("finetune_captioner", self.finetune_captioner, CAPTIONER_DEFAULTS, "finetune" in self.stages),
-            ("finetune_filter", self.finetune_filter, FILTER_DEFAULTS, "finetune" in self.stages),
+            # A fine-tune given a published model (init.captioner / init.filter) trains nothing.
+            (
+                "finetune_captioner",
+                self.finetune_captioner,
+                CAPTIONER_DEFAULTS,
+                "finetune" in self.stages and not self.init.captioner,
+            ),
+            (
+                "finetune_filter",
+                self.finetune_filter,
+                FILTER_DEFAULTS,
+                "finetune" in self.stages and not self.init.filter,
+            ),
         ):
             if not used:
                 continue
@@ -147,9 +190,12 @@ class Recipe(BaseModel):
         return self
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: dict[str, Any] | None = None, *, check_paths: bool = True
+) -> Recipe:
     """Parse and validate a recipe; errors name the field to change. YAML is read with safe_load,
-    so a recipe can never run code."""
+    so a recipe can never run code. ``check_paths=False`` checks everything but that the input
+    files exist (a cluster recipe, checked where its data is not)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"recipe {path} does not exist")
@@ -161,7 +207,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         raise ConfigError(f"recipe {path} must be a mapping of fields, got {type(data).__name__}")
     data.update(overrides or {})
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"check_paths": check_paths})
     except ValidationError as err:
         lines = []
         for e in err.errors():

@@ -18,7 +18,14 @@ MINI = {
     "out": "OUT",
     "stages": ["world", "download"],
     "world": {"seed": 3, "n_web": 120, "n_human": 10, "n_test": 10, "bad_rate": 0.1},
-    "download": {"image_size": 32, "shard_size": 50, "thread_count": 8, "timeout": 5, "source": "shapes"},
+    "download": {
+        "image_size": 32,
+        "shard_size": 50,
+        "thread_count": 8,
+        "timeout": 5,
+        "source": "shapes",
+        "url_policy": "allow_loopback",  # the world is served on 127.0.0.1
+    },
 }
 
 
@@ -42,6 +49,8 @@ def test_the_shipped_demo_recipe_is_valid():
         ({"download": {"shard_sise": 10}}, "download.shard_sise"),
         ({"stages": ["download"], "urls": {"path": "/no/such/list.parquet"}}, "urls.path"),
         ({"stages": ["download"]}, "urls"),
+        ({"download": {**MINI["download"], "url_policy": "public"}}, "download.url_policy"),
+        ({"download": {**MINI["download"], "url_policy": "anything"}}, "download.url_policy"),
     ],
 )
 def test_bad_recipes_name_the_field(tmp_path, change, field):
@@ -51,6 +60,19 @@ def test_bad_recipes_name_the_field(tmp_path, change, field):
     with pytest.raises(ConfigError) as err:
         load_recipe(_write(tmp_path, recipe))
     assert field in str(err.value)
+
+
+def test_the_world_download_may_reach_loopback_and_a_url_list_download_may_not(tmp_path):
+    """The world stage serves its images on 127.0.0.1: its download gets allow_loopback unless
+    the recipe says otherwise; a download of a user's URL list keeps the default, public."""
+    unset = {k: v for k, v in MINI["download"].items() if k != "url_policy"}
+    rec = load_recipe(_write(tmp_path, {**MINI, "out": str(tmp_path / "run"), "download": unset}))
+    assert rec.download.url_policy == "allow_loopback"
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\nhttp://example.com/1.jpg,x\n")
+    own = {**MINI, "out": str(tmp_path / "run2"), "stages": ["download"], "urls": {"path": str(urls)}}
+    rec = load_recipe(_write(tmp_path, {**own, "download": unset}))
+    assert rec.download.url_policy == "public"
 
 
 def test_recipes_never_execute_yaml_tags(tmp_path):

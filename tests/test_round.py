@@ -1,0 +1,183 @@
+"""A whole bootstrapping round in miniature on local Ray: download, pretrain, fine-tune captioner
+and filter, CapFilt, round 2 on the cleaned shards, evaluation and the report. The round is
+interrupted inside CapFilt once and rerun, as a user would after a crash.
+
+A few hundred images and a few steps per stage: this checks the plumbing and the accounting,
+not the quality (benchmarks/quality.py and benchmarks/round.py measure that)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import capfilt.capfilt_stage as capfilt_stage
+from capfilt import schema as S
+from capfilt.capfilt_stage import read_candidates, read_cleaned
+from capfilt.cli import app
+from capfilt.download import read_samples
+from capfilt.pipeline import STAGES_DIR
+from capfilt.recipe import STAGES
+
+TRAIN = {
+    "model": "med-tiny",
+    "batch_size": 8,
+    "steps": 6,
+    "warmup_steps": 2,
+    "checkpoint_every": 3,
+    "log_every": 3,
+    "torch_threads": 1,
+    "shuffle_buffer": 32,
+}
+MINI_ROUND: dict[str, Any] = {
+    "name": "mini-round",
+    "stages": list(STAGES),
+    "world": {"seed": 11, "n_web": 160, "n_human": 12, "n_test": 16, "image_size": 32, "bad_rate": 0.05},
+    "download": {"image_size": 32, "shard_size": 60, "thread_count": 8, "timeout": 5, "source": "shapes"},
+    "pretrain": {**TRAIN, "image_size": 32, "objectives": {"distill": False, "queue_size": 0}},
+    "finetune_captioner": {**TRAIN, "steps": 4},
+    "finetune_filter": {**TRAIN, "steps": 4, "objectives": {"distill": False, "queue_size": 0}},
+    "capfilt": {"batch_size": 16, "max_length": 12, "torch_threads": 1},
+    "evaluate": {"k": 10, "num_beams": 1, "max_length": 10, "n_examples": 2},
+}
+
+
+class Interrupted(KeyboardInterrupt):
+    """What a Ctrl-C (or a killed driver) raises into the run: not an Exception, so nothing
+    downstream may swallow it."""
+
+
+@pytest.fixture(scope="module")
+def round_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run the recipe, interrupted after CapFilt's first output shard, then run it again."""
+    tmp = tmp_path_factory.mktemp("round")
+    out = tmp / "run"
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**MINI_ROUND, "out": str(out)}))
+    runner = CliRunner()
+
+    real_write = capfilt_stage._write_web_shard
+    written: list[str] = []
+
+    def write_then_crash(out_dir: Path, plan: Any, *args: Any, **kwargs: Any) -> Any:
+        real_write(out_dir, plan, *args, **kwargs)
+        written.append(plan.name)
+        raise Interrupted(f"simulated crash after CapFilt shard {plan.name}")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(capfilt_stage, "_write_web_shard", write_then_crash)
+    try:
+        first = runner.invoke(app, ["run", str(recipe)])
+    finally:
+        mp.undo()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "capfilt" / "cleaned").glob("*.parquet")}
+    second = runner.invoke(app, ["run", str(recipe)])
+    third = runner.invoke(app, ["run", str(recipe)])
+    return {
+        "out": out,
+        "first": first,
+        "second": second,
+        "third": third,
+        "crashed_after": written,
+        "mtimes": mtimes,
+    }
+
+
+def _manifest(out: Path, stage: str) -> dict[str, Any]:
+    return json.loads((out / STAGES_DIR / f"{stage}.json").read_text())
+
+
+def test_the_interrupted_run_stopped_inside_capfilt(round_run: dict[str, Any]) -> None:
+    out, first = round_run["out"], round_run["first"]
+    assert isinstance(first.exception, Interrupted), first.output
+    assert len(round_run["crashed_after"]) == 1
+    for stage in ("world", "download", "pretrain", "finetune"):
+        assert _manifest(out, stage)["status"] == "done", stage
+    assert _manifest(out, "capfilt")["status"] == "running"
+    assert not (out / STAGES_DIR / "pretrain2.json").exists()
+
+
+def test_the_rerun_resumes_capfilt_and_finishes_every_stage(round_run: dict[str, Any]) -> None:
+    out, second = round_run["out"], round_run["second"]
+    assert second.exit_code == 0, second.output
+    for stage in ("world", "download", "pretrain", "finetune"):
+        assert f"{stage} (unchanged, skipped)" in second.output
+    capfilt = _manifest(out, "capfilt")
+    assert capfilt["status"] == "done"
+    # The shard finished before the crash was kept, not redone.
+    assert capfilt["result"]["shards_skipped"] == 1
+    (done_before,) = round_run["crashed_after"]
+    kept = out / "capfilt" / "cleaned" / f"{done_before}.parquet"
+    assert kept.stat().st_mtime_ns == round_run["mtimes"][kept.name]
+    for stage in STAGES:
+        m = _manifest(out, stage)
+        assert m["status"] == "done" and re.fullmatch(r"[0-9a-f]{16}", m["key"]), stage
+        assert m["wall_s"] >= 0 and isinstance(m["result"], dict), stage
+    # Each manifest names the keys of the stages it read from.
+    assert set(_manifest(out, "pretrain2")["upstream"]) == {"capfilt", "pretrain"}
+    assert set(_manifest(out, "capfilt")["upstream"]) == {"download", "finetune"}
+
+
+def test_a_third_run_skips_everything(round_run: dict[str, Any]) -> None:
+    third = round_run["third"]
+    assert third.exit_code == 0, third.output
+    for stage in STAGES:
+        assert f"{stage} (unchanged, skipped)" in third.output, stage
+
+
+def test_capfilt_accounts_for_every_downloaded_image_and_kept_text(round_run: dict[str, Any]) -> None:
+    out = round_run["out"]
+    samples = read_samples(out / "download", columns=["uid", "status"]).to_pylist()
+    downloaded = {r["uid"] for r in samples if r["status"] == S.SUCCESS}
+    candidates = read_candidates(out / "capfilt")
+    cleaned = read_cleaned(out / "capfilt")
+    cand_rows = candidates.to_pylist()
+    web_images = {r["uid"] for r in cand_rows if r["text_source"] in ("web", "synthetic")}
+    assert web_images == downloaded, "every downloaded image is in the candidates table, and only those"
+    text_uids = [r["text_uid"] for r in cand_rows]
+    assert len(text_uids) == len(set(text_uids)), "no text considered twice (after the resume too)"
+    # One web text and one synthetic caption (K=1) per downloaded image.
+    by_source = {s: sum(r["text_source"] == s for r in cand_rows) for s in ("web", "synthetic")}
+    assert by_source == {"web": len(downloaded), "synthetic": len(downloaded)}
+    kept = {r["text_uid"] for r in cand_rows if r["decision"] == "keep"}
+    assert set(cleaned.column("text_uid").to_pylist()) == kept
+    assert cleaned.num_rows == len(kept)
+    for f in sorted((out / "capfilt" / "cleaned").glob("*.parquet")):
+        assert pq.read_schema(f).equals(S.CLEANED, check_metadata=False), f
+    web = [r for r in cleaned.to_pylist() if r["text_source"] != "human"]
+    assert all(r["image"] for r in web) and all(r["itm_score"] is not None for r in web)
+
+
+def test_round_two_trained_on_the_cleaned_shards(round_run: dict[str, Any]) -> None:
+    out = round_run["out"]
+    r2 = _manifest(out, "pretrain2")["result"]
+    cleaned_rows = read_cleaned(out / "capfilt").num_rows
+    assert r2["steps"] == MINI_ROUND["pretrain"]["steps"] == _manifest(out, "pretrain")["result"]["steps"]
+    assert r2["samples"] == r2["steps"] * MINI_ROUND["pretrain"]["batch_size"] and cleaned_rows > 0
+    assert Path(r2["model_dir"]).is_dir()
+
+
+def test_evaluation_and_report(round_run: dict[str, Any]) -> None:
+    out = round_run["out"]
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    for label in ("round1", "round2"):
+        retrieval = results["rounds"][label]["retrieval"]
+        for key in ("r1_t2i", "r1_i2t", "r5_t2i", "r10_i2t"):
+            assert 0.0 <= retrieval[key] <= 100.0, (label, key)
+    quality = results["capfilt"]
+    assert 0.0 <= quality["noise_before"] <= 1.0
+    assert quality["filter_web"]["n"] == quality["counts"]["web"]["candidates"] > 0
+    html = (out / "evaluate" / "report.html").read_text()
+    images = re.findall(r'<img[^>]+src="([^"]+)"', html)
+    assert len(images) >= 3, "histograms and example grids"
+    for src in images:
+        if not src.startswith("data:"):
+            assert (out / "evaluate" / src).is_file(), src
+    assert "round1" in html and "round2" in html
+    assert "report:" in round_run["second"].output
