@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shutil
 import time
 import traceback
@@ -462,7 +463,7 @@ def run_download(
                 bar.set_postfix(images=ok)
                 log.debug("shard %d done: %s", s, st["status_counts"])
             except Exception as err:  # a worker died or the shard raised: our retry, not Ray's
-                msg = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+                msg = failure_reason(err)
                 if attempts[s] < cfg.max_attempts:
                     log.warning("shard %d attempt %d failed (%s); retrying", s, attempts[s], msg)
                     submit(s)
@@ -503,6 +504,21 @@ def run_download(
             f"{cfg.failure_budget}: {names}. Rerun the same command to retry them."
         )
     return summary
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line saying why a shard attempt failed: the task's own exception for an exception
+    raised in the task (a RayTaskError's first line names only the task and its pid), Ray's
+    message for a worker that died; no terminal colour codes."""
+    from ray.exceptions import RayTaskError
+
+    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+    text = _ANSI.sub("", str(cause))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(cause).__name__}: {first}"[:500] if first else type(cause).__name__
 
 
 def _rows_of(path: Path) -> int:

@@ -450,6 +450,11 @@ class MedObjectives(nn.Module):
             if image_ids is not None:
                 image_ids_all = concat_all_gather(image_ids)  # [N]
                 forbidden |= image_ids.view(-1, 1) == image_ids_all.view(1, -1)
+            # A text identical to the positive one is no negative, whatever image it came with:
+            # web data repeats alt-texts ("image", "photo"), and in the shapes world many images
+            # share a caption. Training ITM to call them mismatched teaches it noise.
+            same_text = (input_ids.unsqueeze(1) == ids_all.unsqueeze(0)).all(dim=2)  # [B, N]
+            forbidden |= same_text
             sim_i2t = self.med.itc_logits(image_feat, text_feat_all)  # [B, N]
             sim_t2i = self.med.itc_logits(image_feat_all, text_feat).t()  # [B, N]
             neg_text, text_ok = sample_hard_negatives(sim_i2t, forbidden)  # [B], [B]

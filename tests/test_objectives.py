@@ -446,3 +446,18 @@ def test_queue_without_momentum_pulls_features_together_at_a_collapsed_start():
     with_queue, without = pull(True), pull(False)
     assert with_queue < -0.2  # descent moves every text feature along +v (measured -0.45)
     assert abs(without) < 0.05 * abs(with_queue), (with_queue, without)
+
+
+def test_itm_never_takes_an_identical_text_as_a_negative():
+    """Rows 1 and 5 carry the same caption under different images: neither may be the other's
+    negative, in either direction, however similar ITC finds them."""
+    obj = build(itc=0, lm=0)
+    pixels, ids, mask = make_batch()
+    ids[5], mask[5] = ids[1], mask[1]
+    for seed in range(20):
+        torch.manual_seed(seed)
+        obj(pixels, ids, mask, image_ids=torch.arange(8))
+        neg = obj.last_negatives
+        assert neg is not None
+        assert int(neg.text_index[1]) != 5 and int(neg.text_index[5]) != 1
+        assert int(neg.image_index[1]) != 5 and int(neg.image_index[5]) != 1
