@@ -54,7 +54,23 @@ def run_seed(recipe: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = run_recipe(load_recipe(path))
     wall = time.perf_counter() - t0
-    evaluation = result.stages["evaluate"]["result"]
+    return collect({name: m for name, m in result.stages.items()}, wall, out)
+
+
+def from_run(run_dir: Path) -> dict[str, Any]:
+    """The figures of a finished run folder (e.g. `make demo`'s runs/demo), read from its stage
+    manifests; its wall time is the sum of the stages' own."""
+    from capfilt.pipeline import STAGES_DIR
+
+    stages = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / STAGES_DIR).glob("*.json"))}
+    stages = {k: v for k, v in stages.items() if not k.startswith("_")}
+    if stages.get("evaluate", {}).get("status") != "done":
+        raise SystemExit(f"{run_dir} has no finished evaluate stage")
+    return collect(stages, sum(float(m.get("wall_s") or 0) for m in stages.values()), run_dir)
+
+
+def collect(stages: dict[str, Any], wall: float, out: Path) -> dict[str, Any]:
+    evaluation = stages["evaluate"]["result"]
     rounds = {
         label: {k: evaluation["rounds"][label]["retrieval"][k] for k in RETRIEVAL_KEYS}
         | {"checker_correct": evaluation["rounds"][label].get("captioning", {}).get("checker_correct")}
@@ -69,7 +85,7 @@ def run_seed(recipe: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
         "noise_after_web": q.get("noise_after_web"),
         "noise_after_synthetic": q.get("noise_after_synthetic"),
         "filter_auc": (q.get("filter_web") or {}).get("roc_auc"),
-        "stage_wall_s": {name: m.get("wall_s") for name, m in result.stages.items()},
+        "stage_wall_s": {name: m.get("wall_s") for name, m in stages.items()},
         "wall_s": round(wall, 1),
         "run_dir": str(out),
     }
@@ -83,7 +99,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--work", default=None, help="run folders go here (default: a temp dir)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--from-run",
+        action="append",
+        default=[],
+        metavar="SEED=DIR",
+        help="take this seed's figures from a finished run folder instead of running it "
+        "(seed 0 is the demo recipe itself: --from-run 0=runs/demo after `make demo`)",
+    )
     args = parser.parse_args()
+    given = {int(k): Path(v) for k, v in (item.split("=", 1) for item in args.from_run)}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
@@ -91,6 +116,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     seeds: dict[str, Any] = {}
     for seed in args.seeds:
+        if seed in given:
+            logging.info("seed %d: reading the finished run %s", seed, given[seed])
+            seeds[str(seed)] = from_run(given[seed])
+            continue
         logging.info("seed %d: running %s", seed, args.recipe)
         seeds[str(seed)] = run_seed(recipe, seed, work / f"seed{seed}")
         logging.info("seed %d: %s", seed, json.dumps(seeds[str(seed)]))

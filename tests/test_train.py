@@ -127,9 +127,9 @@ def resumed_run(
 # ------------------------------------------------------------------------------------ learning
 
 
-def _itm_auc(model_dir: Path, world_dir: Path) -> float:
-    """ROC-AUC of ITM p(match) on held-out test images: each image's first true caption against
-    another test image's caption that the world's checker says is false of it."""
+def _itm_held_out(model_dir: Path, world_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """ITM p(match) and labels on held-out test images: each image's first true caption (1)
+    against another test image's caption that the world's checker says is false of it (0)."""
     world = load_world(world_dir)
     med = load_med(model_dir)
     collator = Collator(load_tokenizer(model_dir), med.config.vision.image_size, train=False)
@@ -148,9 +148,20 @@ def _itm_auc(model_dir: Path, world_dir: Path) -> float:
     tokens = collator.tokens([collator.text(t) for _, t, _ in pairs])
     with torch.no_grad():
         prob = med.itm_prob(med.encode_image(pixels), tokens["input_ids"], tokens["attention_mask"]).numpy()
-    label = np.array([y for _, _, y in pairs])
+    return prob, np.array([y for _, _, y in pairs])
+
+
+def _itm_auc(model_dir: Path, world_dir: Path) -> float:
+    prob, label = _itm_held_out(model_dir, world_dir)
     pos, neg = prob[label == 1], prob[label == 0]
     return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+
+
+def _itm_held_out_loss(model_dir: Path, world_dir: Path) -> float:
+    """Binary cross-entropy of ITM on the balanced held-out pairs; no constant guess beats ln 2."""
+    prob, label = _itm_held_out(model_dir, world_dir)
+    p = np.clip(prob, 1e-6, 1 - 1e-6)
+    return float(-np.mean(label * np.log(p) + (1 - label) * np.log(1 - p)))
 
 
 def _mean_of_last(history: list[dict[str, float]], key: str, n: int = 3) -> float:
@@ -158,27 +169,27 @@ def _mean_of_last(history: list[dict[str, float]], key: str, n: int = 3) -> floa
 
 
 def test_pretraining_lowers_every_loss(learn_run: tuple[TrainSummary, Path]) -> None:
-    """Margins from a measured run (first 10-step window -> mean of the last three windows):
-    LM 6.06 -> 2.55, ITM 0.75 -> 0.61, ITC 4.93 -> 4.71. ITC is the noisiest: its queue starts with
-    random vectors (easy negatives) and fills with real, harder ones, which pushes the loss up while
-    the model learns. ITM must end below 0.637, the loss of predicting its 1:2 class prior."""
+    """Measured (first 10-step window -> mean of the last three windows, 500 steps of 32):
+    LM 6.04 -> 1.92, ITC 3.67 -> 1.94, ITM 0.650 -> 0.637.
+
+    ITM's training loss is no fixed-difficulty measure: its negatives are drawn from ITC's
+    similarities, so they get harder exactly as ITC learns, and the loss stays near 0.637 (the
+    1:2 class prior) while ITM learns to separate held-out pairs (next test, ROC-AUC 0.68). So ITM
+    is only asserted to end below its start here; its learning is asserted on held-out pairs."""
     summary, _ = learn_run
     assert summary.steps == LEARN_STEPS
     history, first = summary.history, summary.first_losses
     lm, itm, itc = (_mean_of_last(history, f"loss_{k}") for k in ("lm", "itm", "itc"))
     assert lm < first["loss_lm"] - 2.0, (first, lm)
-    assert itm < first["loss_itm"] - 0.08 and itm < 0.625, (first, itm)
-    assert itc < first["loss_itc"] - 0.1, (first, itc)
+    assert itc < first["loss_itc"] - 1.0, (first, itc)
+    assert itm < first["loss_itm"], (first, itm)
 
 
-@pytest.mark.xfail(
-    reason="med-tiny's ITM from scratch stays near chance on held-out pairs after the 200-step test "
-    "budget (measured ROC-AUC 0.52); 0.6 is the goal, not yet reached in any budget tried",
-    strict=True,
-)
 def test_itm_separates_held_out_true_and_mismatched_captions(
     learn_run: tuple[TrainSummary, Path], world: Path
 ) -> None:
+    """Measured: ROC-AUC 0.68 after 500 steps (0.52 when ITC still collapsed, before queue_size=0
+    and init_std 0.05). Chance is 0.5; the test asks for 0.6."""
     auc = _itm_auc(Path(learn_run[0].model_dir), world)
     assert auc >= 0.6, f"ITM ROC-AUC on held-out true vs mismatched captions is {auc:.3f}"
 
