@@ -269,8 +269,13 @@ def example_uids(candidates: pa.Table, n: int = 6, seed: int = 0) -> dict[str, l
     rng = random.Random(seed)
     out = {}
     for name, dec in (("kept", "keep"), ("removed", "drop")):
-        uids = sorted(u for u, (_, d) in decision.items() if d == dec)
-        out[name] = sorted(rng.sample(uids, min(n, len(uids))))
+        # Images with a web text first: the grids are about web texts, and human-only images
+        # (passed through, not downloaded) have no thumbnail to show.
+        web = sorted(u for u, (is_web, d) in decision.items() if d == dec and is_web)
+        other = sorted(u for u, (is_web, d) in decision.items() if d == dec and not is_web)
+        picked = rng.sample(web, min(n, len(web)))
+        picked += rng.sample(other, min(n - len(picked), len(other)))
+        out[name] = sorted(picked)
     return out
 
 

@@ -162,3 +162,23 @@ def test_round_rows_and_summary_table():
 
 def test_flatten_dotted_keys():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_example_grids_prefer_images_with_a_web_text():
+    import pyarrow as pa
+
+    from capfilt.report import example_uids
+
+    rows = [
+        ("h1", "human", "keep"),
+        ("h2", "human", "keep"),
+        ("w1", "web", "keep"),
+        ("w1", "synthetic", "drop"),
+    ]
+    rows += [("w2", "web", "drop"), ("w3", "web", "keep")]
+    table = pa.table(
+        {k: list(v) for k, v in zip(("uid", "text_source", "decision"), zip(*rows), strict=True)}
+    )
+    assert example_uids(table, n=2) == {"kept": ["w1", "w3"], "removed": ["w2"]}
+    kept = example_uids(table, n=3)["kept"]
+    assert {"w1", "w3"} < set(kept) and len(kept) == 3  # then a human-only image fills the grid
