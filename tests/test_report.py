@@ -177,7 +177,7 @@ def test_example_grids_prefer_images_with_a_web_text():
     ]
     rows += [("w2", "web", "drop"), ("w3", "web", "keep")]
     table = pa.table(
-        {k: list(v) for k, v in zip(("uid", "text_source", "decision"), zip(*rows), strict=True)}
+        {k: list(v) for k, v in zip(("uid", "text_source", "decision"), zip(*rows, strict=True), strict=True)}
     )
     assert example_uids(table, n=2) == {"kept": ["w1", "w3"], "removed": ["w2"]}
     kept = example_uids(table, n=3)["kept"]
