@@ -359,7 +359,7 @@ def evaluate_run(run: Run, d: Path) -> dict[str, Any]:
     }
     report = write_report(
         run.out,
-        d / "report.html",
+        d.resolve() / "report.html",  # absolute: write_report places a relative path inside run.out
         title=f"capfilt run {rec.name}",
         stages={k: _brief(v) for k, v in stages.items()},
         rounds=rounds,
