@@ -97,14 +97,6 @@ REASON_MISSING = "image file missing"
 
 _REQUIRED_INPUT = ("uid", "url", "text", "status", "row", "image")
 
-# Model actors' fault tolerance, set here rather than left to Ray Data's defaults: an actor whose
-# process dies (OOM, a killed worker, a lost node) is restarted as often as it takes, and each
-# model batch it held is retried on the restarted actor, at most ACTOR_TASK_RETRIES times, so a
-# batch that kills its actor every time fails the stage (finished shards stay; a rerun resumes)
-# instead of looping forever. Retried batches give the same rows: captions are seeded per image.
-ACTOR_MAX_RESTARTS = -1
-ACTOR_TASK_RETRIES = 3
-
 
 # ---------------------------------------------------------------------------------------------
 # Configuration.
@@ -1297,7 +1289,6 @@ def _dataset(
     actors = (cfg.captioner_actors if captioner else 0) + (cfg.filter_actors if filter else 0)
     gpus = _gpus_per_actor(cfg, actors)
     resources: dict[str, float] = {"num_cpus": cfg.cpus_per_actor} | ({"num_gpus": gpus} if gpus else {})
-    resources |= {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_TASK_RETRIES}
     if captioner is not None:
         ds = ds.map_batches(
             CaptionerActor,
