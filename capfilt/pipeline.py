@@ -33,6 +33,26 @@ def _key(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+RUN_TOKEN = "$RUN"
+
+
+def _portable(value: Any, roots: tuple[str, ...]) -> Any:
+    """``value`` with every path inside the run folder written relative to it (``$RUN/...``), so a
+    stage's key does not depend on how the folder is spelled (``runs/demo`` from the project root
+    or its absolute path) or where it has been moved: the same stage is then recognised as done."""
+    if isinstance(value, dict):
+        return {k: _portable(v, roots) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_portable(v, roots) for v in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        for root in roots:
+            if value == root or value.startswith(root + "/"):
+                return RUN_TOKEN + value[len(root) :]
+    return value
+
+
 @dataclass
 class RunResult:
     out: Path
@@ -47,6 +67,9 @@ class Run:
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
         self.out = Path(recipe.out)
+        # Longest first, so the absolute spelling wins over a relative one that it contains.
+        spellings = {str(self.out), str(self.out.absolute()), str(self.out.resolve())}
+        self.roots = tuple(sorted(spellings - {"."}, key=len, reverse=True))
         self.keys: dict[str, str] = {}
         self.result = RunResult(out=self.out)
 
@@ -78,7 +101,7 @@ class Run:
         d = self.dir(name)
         path = self.manifest_path(name)
         up_keys = {u: self.keys.get(u) or self.manifest(u)["key"] for u in upstream}
-        key = _key({"stage": name, "config": config, "upstream": up_keys})
+        key = _key({"stage": name, "config": _portable(config, self.roots), "upstream": up_keys})
         self.keys[name] = key
         old = read_json(path) if path.exists() else None
         if old and old.get("key") == key and old.get("status") == "done":

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from capfilt.cli import app
 from capfilt.download import read_samples
 from capfilt.errors import ConfigError
+from capfilt.pipeline import Run
 from capfilt.recipe import load_recipe
 
 MINI = {
@@ -110,6 +111,42 @@ def test_a_changed_stage_config_reruns_that_stage_only(ray_local, tmp_path):
         if r["status"] == "success"
     }
     assert sizes == {48}
+
+
+def _run(tmp_path, out: str) -> Run:
+    return Run(load_recipe(_write(tmp_path, {**MINI, "out": out}), check_paths=False))
+
+
+def _stage_naming_run_folders(run: Run, calls: list[str]) -> dict:
+    """A stage whose config names folders of its own run, as the training stages' data lists do."""
+
+    def go(d, resuming):
+        calls.append(str(d))
+        return {"n": 1}
+
+    config = {"data": [str(run.dir("capfilt") / "cleaned"), {"path": run.dir("download")}], "steps": 5}
+    run.stage("pretrain2", config, [], go)
+    return run.manifest("pretrain2")
+
+
+def test_a_stage_key_ignores_how_the_run_folder_is_spelled_or_where_it_moved(tmp_path, monkeypatch):
+    """The same run reached as `runs/demo` from its project, by its absolute path, or after the
+    folder was moved, is the same run: its finished stages are skipped, not trained again."""
+    monkeypatch.chdir(tmp_path)
+    calls: list[str] = []
+    first = _stage_naming_run_folders(_run(tmp_path, "runs/demo"), calls)
+    assert len(calls) == 1 and first["status"] == "done"
+    absolute = _stage_naming_run_folders(_run(tmp_path, str(tmp_path / "runs" / "demo")), calls)
+    assert absolute["key"] == first["key"]
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "runs" / "demo").rename(tmp_path / "moved" / "demo")
+    moved = _stage_naming_run_folders(_run(tmp_path, str(tmp_path / "moved" / "demo")), calls)
+    assert moved["key"] == first["key"]
+    assert len(calls) == 1, "a finished stage ran again"
+    # A path outside the run still counts: pointing the stage at other data runs it again.
+    run = _run(tmp_path, str(tmp_path / "moved" / "demo"))
+    run.stage("pretrain2", {"data": [str(tmp_path / "elsewhere")], "steps": 5}, [], lambda d, r: {"n": 2})
+    assert run.manifest("pretrain2")["key"] != first["key"]
 
 
 def test_validate_command(tmp_path):
