@@ -107,13 +107,7 @@ def make_inputs(root: Path, n_images: int, image_size: int, shard_size: int) -> 
 
     tok = train_wordpiece([pre_caption(c) for c in web["caption"]], vocab_size=1000)
     ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_tokens(
-        vocab_size=ids.vocab_size,
-        pad_token_id=ids.pad,
-        sep_token_id=ids.sep,
-        dec_token_id=ids.bos,
-        enc_token_id=ids.enc,
-    )
+    cfg = get_config("med-tiny").with_token_ids(ids)
     torch.manual_seed(0)
     med = create_med(cfg).eval()
     return {

@@ -96,13 +96,7 @@ def _split(shards: Path, tokenizer_dir: Path, batch: int, repeats: int) -> dict[
     torch.set_num_threads(os.cpu_count() or 1)
     tok = load_tokenizer(tokenizer_dir)
     ids = TokenIds.from_tokenizer(tok)
-    med_config = get_config("med-tiny").with_tokens(
-        vocab_size=ids.vocab_size,
-        pad_token_id=ids.pad,
-        sep_token_id=ids.sep,
-        dec_token_id=ids.bos,
-        enc_token_id=ids.enc,
-    )
+    med_config = get_config("med-tiny").with_token_ids(ids)
     cfg = TrainConfig(data=[str(shards)], out_dir="unused", steps=1000, warmup_steps=0, batch_size=batch)
     state = build_state(cfg, med_config)
     med, objectives = state.med, state.objectives

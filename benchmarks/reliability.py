@@ -398,13 +398,7 @@ def tiny_models(world: Path, root: Path) -> dict[str, Path]:
     web = pq.read_table(world / "web.parquet")
     tok = train_wordpiece([pre_caption(c) for c in web.column("caption").to_pylist()], vocab_size=400)
     ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_tokens(
-        vocab_size=ids.vocab_size,
-        pad_token_id=ids.pad,
-        sep_token_id=ids.sep,
-        dec_token_id=ids.bos,
-        enc_token_id=ids.enc,
-    )
+    cfg = get_config("med-tiny").with_token_ids(ids)
     torch.manual_seed(0)
     med = create_med(cfg).eval()
     labels = pq.read_table(world / "web_labels.parquet").to_pylist()

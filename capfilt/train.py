@@ -774,13 +774,7 @@ def _prepare_model_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) 
                 "the checkpoint was trained with"
             )
         return med.config
-    return get_config(cfg.model).with_tokens(
-        vocab_size=ids.vocab_size,
-        pad_token_id=ids.pad,
-        sep_token_id=ids.sep,
-        dec_token_id=ids.bos,
-        enc_token_id=ids.enc,
-    )
+    return get_config(cfg.model).with_token_ids(ids)
 
 
 def plan_steps(cfg: TrainConfig, usable_rows: int, world: int) -> int | None:

@@ -73,13 +73,7 @@ def models(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     captions = pq.read_table(small_world / "web.parquet").column("caption").to_pylist()
     tok = train_wordpiece([pre_caption(c) for c in captions], vocab_size=300)
     ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_tokens(
-        vocab_size=ids.vocab_size,
-        pad_token_id=ids.pad,
-        sep_token_id=ids.sep,
-        dec_token_id=ids.bos,
-        enc_token_id=ids.enc,
-    )
+    cfg = get_config("med-tiny").with_token_ids(ids)
     torch.manual_seed(0)
     med = create_med(cfg).eval()
     _center_itm(med, tok, small_world)

@@ -136,13 +136,7 @@ def checkpoints(world: Path, tmp_path_factory) -> dict[str, Path]:
     captions = pq.read_table(world / "web.parquet").column("caption").to_pylist()
     tok = train_wordpiece([pre_caption(c) for c in captions], vocab_size=300, out_dir=root / "tokenizer")
     ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_tokens(
-        vocab_size=ids.vocab_size,
-        pad_token_id=ids.pad,
-        sep_token_id=ids.sep,
-        dec_token_id=ids.bos,
-        enc_token_id=ids.enc,
-    )
+    cfg = get_config("med-tiny").with_token_ids(ids)
     arch = root / "med-tiny-cc3m.json"
     arch.write_text(cfg.model_dump_json(indent=2))
     torch.manual_seed(0)

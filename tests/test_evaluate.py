@@ -203,13 +203,7 @@ def tiny_model(small_world: Path):
     split = load_world_test_split(small_world)
     tok = train_wordpiece(split.texts(), vocab_size=300)
     ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_tokens(
-        vocab_size=ids.vocab_size,
-        pad_token_id=ids.pad,
-        sep_token_id=ids.sep,
-        dec_token_id=ids.bos,
-        enc_token_id=ids.enc,
-    )
+    cfg = get_config("med-tiny").with_token_ids(ids)
     torch.manual_seed(0)
     return create_med(cfg).eval(), tok
 

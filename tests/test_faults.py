@@ -503,13 +503,7 @@ def models(small_world: Path, one_torch_thread, tmp_path_factory) -> dict[str, P
     web = pq.read_table(small_world / "web.parquet")
     tok = train_wordpiece([pre_caption(c) for c in web.column("caption").to_pylist()], vocab_size=300)
     ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_tokens(
-        vocab_size=ids.vocab_size,
-        pad_token_id=ids.pad,
-        sep_token_id=ids.sep,
-        dec_token_id=ids.bos,
-        enc_token_id=ids.enc,
-    )
+    cfg = get_config("med-tiny").with_token_ids(ids)
     torch.manual_seed(0)
     med = create_med(cfg).eval()
     first = web.slice(0, 32).to_pydict()

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from capfilt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from capfilt.tokenizer import TokenIds
 
 __all__ = [
     "MedConfig",
@@ -134,6 +138,16 @@ class MedConfig(BaseModel):
             "enc_token_id": enc_token_id,
         }
         return MedConfig.model_validate(self.model_dump() | {"text": text})
+
+    def with_token_ids(self, ids: TokenIds) -> MedConfig:
+        """``with_tokens`` from the ids read off a tokenizer: [DEC] is its bos, [ENC] its enc."""
+        return self.with_tokens(
+            vocab_size=ids.vocab_size,
+            pad_token_id=ids.pad,
+            sep_token_id=ids.sep,
+            dec_token_id=ids.bos,
+            enc_token_id=ids.enc,
+        )
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"
