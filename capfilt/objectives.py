@@ -56,6 +56,13 @@ class ObjectiveConfig(BaseModel):
     alpha: float = Field(0.4, ge=0, le=1)
     # alpha rises linearly from 0 to `alpha` over this many steps (BLIP: the first 2 epochs); 0 = constant.
     alpha_ramp_steps: int = Field(0, ge=0)
+    # How hard ITM's negatives are: they are drawn with probability softmax(h * ITC similarity),
+    # h = 1 being BLIP's hard negatives and h = 0 uniformly random ones. h rises linearly from 0
+    # to `itm_hardness` over `itm_hardness_ramp_steps` (0 = no ramp). A model trained from
+    # scratch needs the ramp: its first ITC-hard negatives are too hard for an ITM head that has
+    # learnt nothing yet, and ITM then stays at the 1:2 class prior (benchmarks/itm_hardness.py).
+    itm_hardness: float = Field(1.0, ge=0)
+    itm_hardness_ramp_steps: int = Field(0, ge=0)
     # None takes MedConfig.queue_size. Must be a multiple of the global batch. 0 turns the queues
     # off: in-batch negatives only, as CLIP. A small model trained from scratch needs that (or
     # ``distill``): with a queue but no momentum encoder, the in-batch columns get gradient and
@@ -250,6 +257,13 @@ class MedObjectives(nn.Module):
             return self.cfg.alpha
         return self.cfg.alpha * min(1.0, step / self.cfg.alpha_ramp_steps)
 
+    def hardness_at(self, step: int) -> float:
+        """ITM negative hardness at ``step``: linear from 0 to ``cfg.itm_hardness`` over
+        ``itm_hardness_ramp_steps``."""
+        if self.cfg.itm_hardness_ramp_steps == 0:
+            return self.cfg.itm_hardness
+        return self.cfg.itm_hardness * min(1.0, step / self.cfg.itm_hardness_ramp_steps)
+
     def check_batch_size(self, global_batch: int) -> None:
         """Fail fast unless the queue size is a multiple of the global batch (BLIP's assumption,
         which keeps every enqueue a contiguous slice). Call it before training starts."""
@@ -337,7 +351,7 @@ class MedObjectives(nn.Module):
                     image_feat = self.med.image_feat(image_embeds)
                     text_feat = self.med.text_feat(input_ids, attention_mask)
             losses["itm"] = self._itm(
-                image_embeds, input_ids, attention_mask, image_ids, image_feat, text_feat
+                image_embeds, input_ids, attention_mask, image_ids, image_feat, text_feat, self.hardness_at(step)
             )
         if cfg.lm > 0:
             losses["lm"] = self.med.lm_loss(
@@ -409,9 +423,11 @@ class MedObjectives(nn.Module):
         image_ids: Tensor | None,
         image_feat: Tensor,
         text_feat: Tensor,
+        hardness: float = 1.0,
     ) -> Tensor:
         """Binary matching on B positives, B (image, hard negative text) and B (hard negative image,
-        text) pairs, the negatives drawn from the global batch of every worker.
+        text) pairs, the negatives drawn from the global batch of every worker with probability
+        softmax(hardness * ITC similarity) (hardness 1: BLIP; 0: uniform).
 
         A row with no valid negative (a batch of one, or every row of the global batch sharing its
         image id) keeps its pair in the batch with weight 0, so shapes, the autograd graph and the
@@ -455,8 +471,8 @@ class MedObjectives(nn.Module):
             # share a caption. Training ITM to call them mismatched teaches it noise.
             same_text = (input_ids.unsqueeze(1) == ids_all.unsqueeze(0)).all(dim=2)  # [B, N]
             forbidden |= same_text
-            sim_i2t = self.med.itc_logits(image_feat, text_feat_all)  # [B, N]
-            sim_t2i = self.med.itc_logits(image_feat_all, text_feat).t()  # [B, N]
+            sim_i2t = hardness * self.med.itc_logits(image_feat, text_feat_all)  # [B, N]
+            sim_t2i = hardness * self.med.itc_logits(image_feat_all, text_feat).t()  # [B, N]
             neg_text, text_ok = sample_hard_negatives(sim_i2t, forbidden)  # [B], [B]
             neg_image, image_ok = sample_hard_negatives(sim_t2i, forbidden)  # [B], [B]
         self.last_negatives = HardNegatives(neg_text, neg_image, offset, total)

@@ -224,6 +224,29 @@ def test_alpha_ramps_linearly_then_holds():
     assert build(itm=0, lm=0, alpha=0.4).alpha_at(0) == 0.4
 
 
+def test_itm_hardness_ramps_linearly_then_holds():
+    obj = build(itc=0, lm=0, itm_hardness=0.8, itm_hardness_ramp_steps=100)
+    assert [obj.hardness_at(s) for s in (0, 50, 100, 1000)] == pytest.approx([0.0, 0.4, 0.8, 0.8])
+    assert build(itc=0, lm=0).hardness_at(0) == 1.0  # BLIP: hard negatives from the first step
+
+
+@pytest.mark.parametrize("hardness,share", [(1.0, (0.95, 1.0)), (0.0, (0.05, 0.25))])
+def test_itm_negatives_are_as_hard_as_the_hardness_says(monkeypatch, hardness, share):
+    """ITC similarity rigged so that text (i+1) % 8 is by far the nearest to image i: hardness 1
+    (BLIP) nearly always draws it, hardness 0 draws each of the 7 allowed texts alike (1/7)."""
+    obj = build(itc=0, lm=0, itm_hardness=hardness)
+    rigged = torch.zeros(8, 8)
+    rigged[torch.arange(8), (torch.arange(8) + 1) % 8] = 20.0
+    monkeypatch.setattr(obj.med, "itc_logits", lambda image_feat, text_feat: rigged)
+    pixels, ids, mask = make_batch()
+    nearest = 0
+    for _ in range(40):
+        obj(pixels, ids, mask, image_ids=torch.arange(8))
+        assert obj.last_negatives is not None
+        nearest += int((obj.last_negatives.text_index == (torch.arange(8) + 1) % 8).sum())
+    assert share[0] <= nearest / 320 <= share[1], nearest / 320
+
+
 def test_queue_size_must_be_a_multiple_of_the_global_batch():
     obj = build(itm=0, lm=0, queue_size=100)
     with pytest.raises(ConfigError, match=r"queue_size 100 is not a multiple of the global batch 8"):

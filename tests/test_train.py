@@ -44,7 +44,9 @@ LEARN_STEPS = 500  # the learning run
 RESUME_STOP, RESUME_END = 10, 20  # stop the second run here, resume it to there
 # The learning run trains CLIP-style (in-batch ITC, no queue, no momentum encoder): from scratch,
 # BLIP's queue + momentum distillation keeps ITC at its collapsed start for hundreds of steps more.
-LEARN_OBJECTIVES = {"distill": False, "queue_size": 0}
+# Its ITM negatives are drawn uniformly (itm_hardness 0), as the demo's pretraining does: with
+# BLIP's ITC-hard negatives from the first step, ITM from scratch stays at the 1:2 class prior.
+LEARN_OBJECTIVES = {"distill": False, "queue_size": 0, "itm_hardness": 0}
 
 
 @pytest.fixture(scope="module")
