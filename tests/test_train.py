@@ -159,41 +159,35 @@ def _itm_auc(model_dir: Path, world_dir: Path) -> float:
     return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 
-def _itm_held_out_loss(model_dir: Path, world_dir: Path) -> float:
-    """Binary cross-entropy of ITM on the balanced held-out pairs; no constant guess beats ln 2."""
-    prob, label = _itm_held_out(model_dir, world_dir)
-    p = np.clip(prob, 1e-6, 1 - 1e-6)
-    return float(-np.mean(label * np.log(p) + (1 - label) * np.log(1 - p)))
-
-
 def _mean_of_last(history: list[dict[str, float]], key: str, n: int = 3) -> float:
     return float(np.mean([h[key] for h in history[-n:]]))
 
 
 def test_pretraining_lowers_every_loss(learn_run: tuple[TrainSummary, Path]) -> None:
     """Measured (first 10-step window -> mean of the last three windows, 500 steps of 32):
-    LM 6.04 -> 1.92, ITC 3.67 -> 1.94, ITM 0.650 -> 0.637.
+    LM 6.04 -> 1.92, ITC 3.67 -> 1.93, ITM 0.645 -> 0.353.
 
-    ITM's training loss is no fixed-difficulty measure: its negatives are drawn from ITC's
-    similarities, so they get harder exactly as ITC learns, and the loss stays near 0.637 (the
-    1:2 class prior) while ITM learns to separate held-out pairs (next test, ROC-AUC 0.68). So ITM
-    is only asserted to end below its start here; its learning is asserted on held-out pairs."""
+    ITM's negatives are uniform here (itm_hardness 0). With BLIP's ITC-hard negatives from the
+    first step the same run ended at ITM 0.650 -> 0.637, the 1:2 class prior: the negatives get
+    harder exactly as ITC learns, faster than an ITM head trained from scratch can follow
+    (benchmarks/results/itm_hardness.json)."""
     summary, _ = learn_run
     assert summary.steps == LEARN_STEPS
     history, first = summary.history, summary.first_losses
     lm, itm, itc = (_mean_of_last(history, f"loss_{k}") for k in ("lm", "itm", "itc"))
     assert lm < first["loss_lm"] - 2.0, (first, lm)
     assert itc < first["loss_itc"] - 1.0, (first, itc)
-    assert itm < first["loss_itm"], (first, itm)
+    assert itm < first["loss_itm"] - 0.15, (first, itm)
+    assert itm < 0.5, f"ITM loss {itm:.3f} is not clearly below the 1:2 class prior (0.637)"
 
 
 def test_itm_separates_held_out_true_and_mismatched_captions(
     learn_run: tuple[TrainSummary, Path], world: Path
 ) -> None:
-    """Measured: ROC-AUC 0.68 after 500 steps (0.52 when ITC still collapsed, before queue_size=0
-    and init_std 0.05). Chance is 0.5; the test asks for 0.6."""
+    """Measured: ROC-AUC 0.977 after 500 steps (0.68 with BLIP's hard negatives from the first
+    step, 0.52 when ITC was still collapsed). Chance is 0.5; the test asks for 0.85."""
     auc = _itm_auc(Path(learn_run[0].model_dir), world)
-    assert auc >= 0.6, f"ITM ROC-AUC on held-out true vs mismatched captions is {auc:.3f}"
+    assert auc >= 0.85, f"ITM ROC-AUC on held-out true vs mismatched captions is {auc:.3f}"
 
 
 def test_rows_that_failed_or_do_not_decode_are_skipped_and_counted(
