@@ -351,7 +351,13 @@ class MedObjectives(nn.Module):
                     image_feat = self.med.image_feat(image_embeds)
                     text_feat = self.med.text_feat(input_ids, attention_mask)
             losses["itm"] = self._itm(
-                image_embeds, input_ids, attention_mask, image_ids, image_feat, text_feat, self.hardness_at(step)
+                image_embeds,
+                input_ids,
+                attention_mask,
+                image_ids,
+                image_feat,
+                text_feat,
+                self.hardness_at(step),
             )
         if cfg.lm > 0:
             losses["lm"] = self.med.lm_loss(
