@@ -235,11 +235,8 @@ def main() -> None:
     saved: dict[str, Path] = {}
     results = {}
     wanted = set(args.only or [name for name, *_ in VARIANTS])
-    wanted |= {
-        n
-        for n, _, _, o in VARIANTS
-        if o.get("save") in {o2.get("init") for n2, _, _, o2 in VARIANTS if n2 in wanted}
-    }
+    inits = {o["init"] for n, _, _, o in VARIANTS if n in wanted and "init" in o}
+    wanted |= {n for n, _, _, o in VARIANTS if o.get("save") in inits}  # the models they start from
     for name, steps, objectives, opts in VARIANTS:
         if name not in wanted:
             continue
