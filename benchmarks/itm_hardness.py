@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 from capfilt.data import Collator, TrainBatch
+from capfilt.evaluate import roc_auc
 from capfilt.model.interop import load_med
 from capfilt.tokenizer import load_tokenizer
 from capfilt.train import TrainConfig, build_state, train_step
@@ -78,8 +79,9 @@ VARIANTS: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [
 
 
 def auc(pos: Any, neg: Any) -> float:
+    """ROC-AUC of positives' scores against negatives' (capfilt.evaluate.roc_auc)."""
     pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
-    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+    return roc_auc(np.r_[pos, neg], np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)])
 
 
 class Data:
@@ -102,6 +104,19 @@ class Data:
             data = (self.world_dir / e["image"]).read_bytes()
             captions = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
             self.human_rows += [(data, c, 100_000 + j) for c in captions]
+        # Held-out pairs: each test image's first caption, and another test image's caption
+        # that the checker says is false of it.
+        world = load_world(self.world_dir)
+        entries = json.loads((self.world_dir / "human" / "karpathy_test.json").read_text())
+        self.test_images = [(self.world_dir / e["image"]).read_bytes() for e in entries]
+        self.test_true = [e["caption"][0] for e in entries]
+        rng = random.Random(1)
+        self.test_false = []
+        for i, e in enumerate(entries):
+            scene = world.scene_for_path(e["image"])
+            others = [c for j, c in enumerate(self.test_true) if j != i]
+            rng.shuffle(others)
+            self.test_false.append(next(c for c in others if not check_caption(scene, c)))
 
 
 def batches(rows: list[tuple[bytes, str, int]], collator: Collator, seed: int) -> Iterator[TrainBatch]:
@@ -124,7 +139,6 @@ def batches(rows: list[tuple[bytes, str, int]], collator: Collator, seed: int) -
 
 def evaluate(med: Any, data: Data) -> dict[str, Any]:
     med.eval()
-    world = load_world(data.world_dir)
     collator = Collator(data.tokenizer, 64, train=False)
     transform = test_transform(med.config.vision.image_size)
 
@@ -137,17 +151,7 @@ def evaluate(med: Any, data: Data) -> dict[str, Any]:
                 out.append(med.itm_prob(med.encode_image(pixels), tok["input_ids"], tok["attention_mask"]))
         return torch.cat(out).numpy()
 
-    entries = json.loads((data.world_dir / "human" / "karpathy_test.json").read_text())
-    scenes = [world.scene_for_path(e["image"]) for e in entries]
-    images = [(data.world_dir / e["image"]).read_bytes() for e in entries]
-    captions = [e["caption"][0] for e in entries]
-    rng = random.Random(1)
-    negatives = []
-    for i in range(len(entries)):
-        others = [c for j, c in enumerate(captions) if j != i]
-        rng.shuffle(others)
-        negatives.append(next(c for c in others if not check_caption(scenes[i], c)))
-    p_pos, p_neg = itm(images, captions), itm(images, negatives)
+    p_pos, p_neg = itm(data.test_images, data.test_true), itm(data.test_images, data.test_false)
     web = data.web.sample(n=min(1500, len(data.web)), random_state=0)
     web = web.assign(p=itm(list(web.image), list(web.text)))
     correct = web.p[web.label == "correct"]
