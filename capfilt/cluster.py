@@ -7,6 +7,9 @@ import os
 
 log = logging.getLogger(__name__)
 
+# Whether this process started the embedded local instance (rather than joining a cluster).
+_started_local = False
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start or join Ray once per process.
@@ -30,6 +33,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
+    global _started_local
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     log.info("starting a local Ray instance with %d logical CPUs", cpus)
@@ -40,9 +44,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         configure_logging=False,
         object_store_memory=512 * 1024 * 1024,
     )
+    _started_local = True
 
 
 def cluster_cpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def local_threads_per_worker(workers: int) -> int | None:
+    """Torch threads for each of ``workers`` training workers on the embedded local instance: the
+    machine's cores shared among them. Ray sets a worker's OMP_NUM_THREADS to its CPU reservation,
+    which is 1 by default (kept small so the read tasks can be scheduled beside it), so a laptop
+    would train on one core and leave the rest idle. None when joined to a cluster, where the
+    reservation is the worker's real share of its node."""
+    if not _started_local:
+        return None
+    return max(1, (os.cpu_count() or 1) // max(1, workers))

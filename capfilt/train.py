@@ -130,7 +130,9 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)  # fractional on small machines so read tasks get CPU too
-    torch_threads: int | None = Field(None, ge=1)  # default: what Ray gives a worker (its CPUs)
+    # None: on the embedded local instance, the machine's cores / num_workers; on a cluster, what
+    # Ray gives a worker (OMP_NUM_THREADS = its CPU reservation).
+    torch_threads: int | None = Field(None, ge=1)
     bf16: bool = True  # autocast on GPU only
     grad_checkpointing: bool = False
 
@@ -492,8 +494,9 @@ class _WorkerLoop:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         _setup_worker_logging(config.get("log_level", logging.INFO) if self.rank == 0 else logging.WARNING)
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        threads = cfg.torch_threads or config.get("torch_threads")
+        if threads:
+            torch.set_num_threads(threads)
         self.device = ray.train.torch.get_device()
         find_unused = min(cfg.objectives.itc, cfg.objectives.itm, cfg.objectives.lm) <= 0
 
@@ -814,7 +817,7 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from capfilt.cluster import ensure_ray
+    from capfilt.cluster import ensure_ray, local_threads_per_worker
     from capfilt.model.interop import save_med
 
     out = Path(cfg.out_dir).resolve()
@@ -838,6 +841,9 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
     )
 
     ensure_ray(ray_address)
+    threads = cfg.torch_threads or (None if cfg.use_gpu else local_threads_per_worker(cfg.num_workers))
+    if threads:
+        logger.info("%d torch thread(s) per worker", threads)
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
@@ -848,6 +854,7 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
             "med_config": med_config.model_dump(),
             "tokenizer_dir": str(out / TOKENIZER_DIR),
             "total_steps": total_steps,
+            "torch_threads": threads,
             "log_level": logging.getLogger("capfilt").getEffectiveLevel(),
         },
         scaling_config=ScalingConfig(

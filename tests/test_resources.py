@@ -140,3 +140,17 @@ def test_the_runner_scales_the_recipe_to_local_ray_and_logs_stage_names(ray_loca
     assert [(r.stage, r.where) for r in starting] == [("world", " [world]"), ("download", " [download]")]
     downloads = [r for r in records if r.name == "capfilt.download"]
     assert downloads and all(r.stage == "download" for r in downloads)
+
+
+def test_training_workers_share_the_local_machines_cores_but_not_a_clusters(monkeypatch):
+    # Ray gives a worker OMP_NUM_THREADS = its CPU reservation (1 by default); on the embedded local
+    # instance the training workers share the machine's cores instead, so none sit idle.
+    from capfilt import cluster
+
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(cluster, "_started_local", True)
+    assert cluster.local_threads_per_worker(1) == 8
+    assert cluster.local_threads_per_worker(2) == 4
+    assert cluster.local_threads_per_worker(16) == 1
+    monkeypatch.setattr(cluster, "_started_local", False)  # joined a cluster: Ray's reservation rules
+    assert cluster.local_threads_per_worker(1) is None
