@@ -494,7 +494,9 @@ class _WorkerLoop:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         _setup_worker_logging(config.get("log_level", logging.INFO) if self.rank == 0 else logging.WARNING)
-        threads = cfg.torch_threads or config.get("torch_threads")
+        threads = config.get(
+            "torch_threads"
+        )  # run_training resolved it: cfg.torch_threads or the local default
         if threads:
             torch.set_num_threads(threads)
         self.device = ray.train.torch.get_device()
