@@ -94,11 +94,10 @@ def matching_accuracy(med: Any, tokenizer: Any, images: Any, objs: list[Any]) ->
             tokens = tokenize(tokenizer, [text for texts, _ in per for text in texts], 35)
             ids, mask = tokens["input_ids"], tokens["attention_mask"]  # [N*k, L]
             itc = (image_feat.repeat_interleave(k, 0) * med.text_feat(ids, mask)).sum(-1)  # [N*k]
+            pair_embeds = embeds.repeat_interleave(k, 0)  # [N*k, 1+P, Dv]
             itm = torch.cat(
                 [
-                    med.itm_prob(
-                        embeds.repeat_interleave(k, 0)[s : s + 512], ids[s : s + 512], mask[s : s + 512]
-                    )
+                    med.itm_prob(pair_embeds[s : s + 512], ids[s : s + 512], mask[s : s + 512])
                     for s in range(0, ids.shape[0], 512)
                 ]
             )  # [N*k]
