@@ -227,6 +227,25 @@ def _pretrain_data(run: Run) -> list[dict[str, Any]]:
     return [{"path": str(run.dir("download"))}, {"path": str(karpathy), "image_root": str(root)}]
 
 
+def _vit_stage(run: Run) -> dict[str, Any]:
+    """The stand-in for BLIP's ImageNet ViT: a classifier of the shapes world's objects, with the
+    pretraining's architecture (capfilt.vitinit)."""
+    from capfilt.model.config import get_config
+    from capfilt.vitinit import train_vit_classifier
+
+    rec = run.recipe
+    model = str(rec.pretrain.get("model", "med-tiny"))
+    config = {"vit": rec.vit.model_dump(), "model": model}
+    return run.stage("vit", config, [], lambda d, r: train_vit_classifier(rec.vit, get_config(model), d))
+
+
+def _vision_init(run: Run) -> tuple[dict[str, Any], list[str]]:
+    """(TrainConfig fields, upstream stages) that start a pretraining round from the 'vit' stage's ViT."""
+    if "vit" not in run.recipe.stages:
+        return {}, []
+    return {"vision_init": run.manifest("vit")["result"]["file"]}, ["vit"]
+
+
 def _pretrain_stage(run: Run) -> dict[str, Any]:
     rec = run.recipe
     if rec.init.pretrained:
@@ -240,8 +259,9 @@ def _pretrain_stage(run: Run) -> dict[str, Any]:
                 "tokenizer_dir": rec.init.tokenizer or rec.init.pretrained,
             },
         )
-    fixed = {"tokenizer": rec.init.tokenizer} if rec.init.tokenizer else {}
-    return _train(run, "pretrain", rec.pretrain, _pretrain_data(run), ["download"], **fixed)
+    vision, vision_up = _vision_init(run)
+    fixed = ({"tokenizer": rec.init.tokenizer} if rec.init.tokenizer else {}) | vision
+    return _train(run, "pretrain", rec.pretrain, _pretrain_data(run), ["download", *vision_up], **fixed)
 
 
 def _finetune_stage(run: Run) -> dict[str, Any]:
@@ -311,13 +331,14 @@ def _pretrain2_stage(run: Run) -> dict[str, Any]:
     on the bootstrapped data, so any gain comes from the data."""
     rec = run.recipe
     r1 = run.manifest("pretrain")["result"]
-    fixed = {"tokenizer": r1["tokenizer_dir"]}
+    vision, vision_up = _vision_init(run)  # the same starting ViT as round 1
+    fixed = {"tokenizer": r1["tokenizer_dir"]} | vision
     return _train(
         run,
         "pretrain2",
         rec.pretrain,
         [{"path": str(run.dir("capfilt") / "cleaned")}],  # CLEANED shards (web, synthetic and human)
-        ["capfilt", "pretrain"],
+        ["capfilt", "pretrain", *vision_up],
         **fixed,
     )
 
@@ -410,6 +431,7 @@ def _labelled(candidates: Any, samples: Any, world: Any) -> Any:
 RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "world": _world_stage,
     "download": _download_stage,
+    "vit": _vit_stage,
     "pretrain": _pretrain_stage,
     "finetune": _finetune_stage,
     "capfilt": _capfilt_stage,
@@ -510,6 +532,12 @@ def summary_blocks(result: RunResult) -> list[tuple[str, list[str]]]:
                 f"rows in {r.get('rows_in')}, downloaded {r.get('downloaded')}, not downloaded {sum(failed.values())}",
                 "by status: " + (", ".join(f"{k} {v}" for k, v in sorted(failed.items())) or "-"),
                 f"shards {r.get('shards_total')} ({r.get('shards_written')} written, {r.get('shards_skipped')} done before)",
+            ]
+        elif name == "vit":
+            lines = [
+                f"steps {r.get('steps')}, loss {r.get('first_loss')} -> {r.get('final_loss')}, "
+                f"held-out shape accuracy {r.get('held_out_accuracy')} (chance 0.333)",
+                f"ViT for both pretraining rounds: {r.get('file')}",
             ]
         elif name in ("pretrain", "pretrain2"):
             lines = _train_lines(r)

@@ -13,12 +13,13 @@ from capfilt.capfilt_stage import CapFiltConfig
 from capfilt.download import DownloadConfig
 from capfilt.errors import ConfigError
 from capfilt.evaluate import EvalConfig
+from capfilt.vitinit import VitInitConfig
 from capfilt.world import WorldConfig
 
 log = logging.getLogger(__name__)
 
 #: Every stage a recipe may name, in the order they run.
-STAGES = ("world", "download", "pretrain", "finetune", "capfilt", "pretrain2", "evaluate")
+STAGES = ("world", "download", "vit", "pretrain", "finetune", "capfilt", "pretrain2", "evaluate")
 
 #: What BLIP fine-tunes with, before a recipe's own settings: the captioner learns LM only with a
 #: masked prompt; the filter learns ITC + ITM with positives by image id (several captions each).
@@ -103,6 +104,7 @@ class Recipe(BaseModel):
     human: HumanInput | None = None
     init: ModelInit = Field(default_factory=ModelInit)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    vit: VitInitConfig = Field(default_factory=VitInitConfig)  # the stand-in ImageNet ViT (shapes world)
     pretrain: dict[str, Any] = Field(default_factory=dict)  # TrainConfig fields; round 2 uses the same
     finetune_captioner: dict[str, Any] = Field(default_factory=dict)
     finetune_filter: dict[str, Any] = Field(default_factory=dict)
@@ -131,6 +133,14 @@ class Recipe(BaseModel):
                     "download.url_policy: the 'world' stage serves its images on 127.0.0.1, which "
                     "'public' refuses; use allow_loopback"
                 )
+        if "vit" in self.stages and self.pretrain.get("vision_init"):
+            raise ValueError(
+                "pretrain.vision_init: the 'vit' stage gives the pretraining its ViT; drop one of the two"
+            )
+        if "vit" in self.stages and self.init.pretrained:
+            raise ValueError(
+                "stages: 'vit' initialises a ViT to pretrain, but init.pretrained skips pretraining"
+            )
         if "world" not in self.stages and self.world is None:
             needs_human = {"pretrain", "finetune", "capfilt", "evaluate"} & set(self.stages)
             if needs_human and self.human is None:

@@ -26,7 +26,7 @@ DONE, UNFINISHED, NOT_STARTED = "done", "unfinished", "not started"
 
 # Names the stages write (capfilt.pipeline, capfilt.train, capfilt.capfilt_stage), repeated here so
 # that `capfilt status` imports neither torch nor Ray; tests check they agree.
-STAGE_ORDER = ("world", "download", "pretrain", "finetune", "capfilt", "pretrain2", "evaluate")
+STAGE_ORDER = ("world", "download", "vit", "pretrain", "finetune", "capfilt", "pretrain2", "evaluate")
 STAGES_DIR = "_stages"
 RUN_FILE = "_run.json"
 TRAIN_CONFIG = "train_config.json"
@@ -203,6 +203,9 @@ def _stage_status(run: Path, name: str, manifest: dict[str, Any] | None) -> Stag
             + [f"{k} {v}" for k, v in counts.items() if isinstance(v, int)]
         )
         st.progress = f"images: {st.progress}" if images else st.progress
+    elif name == "vit":
+        if result:
+            st.progress = f"held-out shape accuracy {result.get('held_out_accuracy')}"
     elif name in ("pretrain", "pretrain2"):
         given = state == DONE and "steps" not in result
         st.progress = f"given: {result.get('model_dir')}" if given else _train_progress(d)

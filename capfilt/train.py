@@ -93,6 +93,9 @@ class TrainConfig(BaseModel):
     # What to train.
     model: str = "med-tiny"  # registry name or MedConfig JSON path; the architecture of a .pth init
     init: str | None = None  # capfilt dir (save_med), transformers dir, or BLIP .pth to start from
+    # A timm ViT checkpoint for the image encoder of a model built fresh (BLIP: DeiT-base ImageNet
+    # weights for ViT-B); the text side keeps its init. Not with ``init``, which sets every weight.
+    vision_init: str | None = None
     tokenizer: str | None = None  # tokenizer dir; default: the init dir's, else WordPiece trained here
     tokenizer_vocab_size: int | None = Field(None, ge=64)  # WordPiece bound; default: the model's vocab
     objectives: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
@@ -159,6 +162,10 @@ class TrainConfig(BaseModel):
         o = self.objectives
         if o.itc <= 0 and o.itm <= 0 and o.lm <= 0:
             raise ValueError("every objective weight is 0: enable at least one of itc, itm, lm")
+        if self.init and self.vision_init:
+            raise ValueError(
+                "vision_init: init already sets every weight, the ViT's included; give one of the two"
+            )
         return self
 
     def trained_heads(self) -> frozenset[str]:
@@ -237,7 +244,8 @@ def _objectives_med(objectives: MedObjectives) -> Med:
 
 
 def build_med(cfg: TrainConfig, med_config: MedConfig) -> Med:
-    """The model to train: ``init``'s weights when given, else fresh ones for ``med_config``; at
+    """The model to train: ``init``'s weights when given, else fresh ones for ``med_config`` (the ViT
+    from ``vision_init`` when given); at
     ``cfg.image_size``, with the heads it will have once trained."""
     if cfg.init:
         from capfilt.model.interop import load_checkpoint
@@ -247,6 +255,10 @@ def build_med(cfg: TrainConfig, med_config: MedConfig) -> Med:
     else:
         med = Med(med_config)
         med.heads = cfg.trained_heads()
+        if cfg.vision_init:
+            from capfilt.model.interop import init_vision_from_timm
+
+            init_vision_from_timm(med, cfg.vision_init)
     if cfg.image_size and cfg.image_size != med.config.vision.image_size:
         med.set_image_size(cfg.image_size)
     if cfg.grad_checkpointing:

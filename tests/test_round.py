@@ -40,6 +40,7 @@ MINI_ROUND: dict[str, Any] = {
     "stages": list(STAGES),
     "world": {"seed": 11, "n_web": 160, "n_human": 12, "n_test": 16, "image_size": 32, "bad_rate": 0.05},
     "download": {"image_size": 32, "shard_size": 60, "thread_count": 8, "timeout": 5, "source": "shapes"},
+    "vit": {"steps": 4, "batch_size": 8, "held_out": 8},
     "pretrain": {**TRAIN, "image_size": 32, "objectives": {"distill": False, "queue_size": 0}},
     "finetune_captioner": {**TRAIN, "steps": 4},
     "finetune_filter": {**TRAIN, "steps": 4, "objectives": {"distill": False, "queue_size": 0}},
@@ -125,7 +126,7 @@ def test_the_rerun_resumes_capfilt_and_finishes_every_stage(round_run: dict[str,
         assert m["status"] == "done" and re.fullmatch(r"[0-9a-f]{16}", m["key"]), stage
         assert m["wall_s"] >= 0 and isinstance(m["result"], dict), stage
     # Each manifest names the keys of the stages it read from.
-    assert set(_manifest(out, "pretrain2")["upstream"]) == {"capfilt", "pretrain"}
+    assert set(_manifest(out, "pretrain2")["upstream"]) == {"capfilt", "pretrain", "vit"}
     assert set(_manifest(out, "capfilt")["upstream"]) == {"download", "finetune"}
 
 
