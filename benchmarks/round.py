@@ -40,6 +40,8 @@ def seeded_recipe(recipe: dict[str, Any], seed: int, out: Path) -> dict[str, Any
     for name in TRAIN_SECTIONS:
         r[name] = {**r.get(name, {}), "seed": seed}
     r["capfilt"] = {**r.get("capfilt", {}), "seed": seed}
+    if "vit" in r.get("stages", []):  # the stand-in ImageNet classifier: its own labelled scenes too
+        r["vit"] = {**r.get("vit", {}), "seed": seed}
     return r
 
 
