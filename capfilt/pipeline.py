@@ -399,7 +399,7 @@ def evaluate_run(run: Run, d: Path) -> dict[str, Any]:
     write_results(d / "results.json", results)
     stages = {
         name: m["result"] if isinstance(m.get("result"), dict) else {}
-        for name, m in ((s, run.manifest(s)) for s in ("download", "capfilt") if run.has(s))
+        for name, m in ((s, run.manifest(s)) for s in ("download", "vit", "capfilt") if run.has(s))
     }
     report = write_report(
         run.out,

@@ -187,4 +187,5 @@ def test_evaluation_and_report(round_run: dict[str, Any]) -> None:
         if not src.startswith("data:"):
             assert (out / "evaluate" / src).is_file(), src
     assert "round1" in html and "round2" in html
+    assert "<h3>vit</h3>" in html and "held_out_accuracy" in html  # the ViT's starting point
     assert "report:" in round_run["second"].output
