@@ -15,7 +15,7 @@ Two parts, both in-process (no Ray), batch 32, AdamW with the demo's lr 5e-4 and
 - ``pretrain``: round-1 pretraining of the demo (web + human rows of a finished run, ITC + ITM +
   LM, ``benchmarks/itm_hardness.py``'s loop) with one change per variant: the demo's settings,
   lr 1e-3, the ViT's lr x3, ITM negatives of hardness 0.5, LM only, ITC only; and the demo's fix,
-  the ViT started from the 'vit' stage's shape classifier (capfilt/vitinit.py, 600 steps).
+  the ViT started from the 'vit' stage's shape classifier (capfilt/vitinit.py, 900 steps).
 
 Every ``--every`` steps each variant measures the ViT on 1,200 rendered one-object scenes: a
 linear probe (multinomial logistic regression on 900, accuracy on 300) of shape from the [CLS]
@@ -63,8 +63,8 @@ PRETRAIN_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, float]]] = {
     "itm_hardness_0.5": (PRETRAIN_BASE | {"itm_hardness": 0.5}, {}),
     "lm_only": (PRETRAIN_BASE | {"itc": 0, "itm": 0}, {}),
     "itc_only": (PRETRAIN_BASE | {"lm": 0, "itm": 0}, {}),
-    # the demo's fix: the ViT starts from the 'vit' stage's shape classifier (600 steps)
-    "vit_init": (PRETRAIN_BASE, {"vit_steps": 600}),
+    # the demo's fix: the ViT starts from the 'vit' stage's shape classifier (900 steps)
+    "vit_init": (PRETRAIN_BASE, {"vit_steps": 900}),
 }
 PROBE_VARIANTS = ("random_init", "classify", "itc", "itc_table", "itc_same_colour", "lm")
 

@@ -835,6 +835,9 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
     from capfilt.model.interop import save_med
 
     out = Path(cfg.out_dir).resolve()
+    if cfg.vision_init and Path(cfg.vision_init).exists():
+        # Workers do not run in the driver's folder: give them an absolute path.
+        cfg = cfg.model_copy(update={"vision_init": str(Path(cfg.vision_init).resolve())})
     _check_resume(out, cfg, resume)
     sources = resolve_sources(cfg.data)
     counts = count_pairs(sources)

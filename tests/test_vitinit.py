@@ -16,10 +16,14 @@ from capfilt.train import TrainConfig, build_med
 from capfilt.vitinit import VIT_FILE, VitInitConfig, train_vit_classifier
 
 
-def test_classifier_trains_and_starts_the_pretraining_vit(tmp_path: Path) -> None:
+def test_classifier_trains_and_starts_the_pretraining_vit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     cfg = VitInitConfig(steps=3, batch_size=4, held_out=6, log_every=1)
-    summary = train_vit_classifier(cfg, get_config("med-tiny"), tmp_path)
-    assert summary["file"] == str(tmp_path / VIT_FILE)
+    summary = train_vit_classifier(cfg, get_config("med-tiny"), "vit")
+    # Absolute, as the stage hands it to training workers that run in another folder.
+    assert summary["file"] == str(tmp_path.resolve() / "vit" / VIT_FILE)
     assert summary["steps"] == 3 and summary["classes"] == ["circle", "square", "triangle"]
     assert 0.0 <= summary["held_out_accuracy"] <= 1.0
     timm_state = load_file(summary["file"])
