@@ -27,7 +27,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
-UP_TO_CAPFILT = ("world", "download", "pretrain", "finetune", "capfilt")
 GOALS = {"kept_web_correct": 0.95, "kept_synthetic_correct": 0.90, "filter_auc": 0.95}
 
 
@@ -77,7 +76,9 @@ def main() -> None:
 
     raw = yaml.safe_load(Path(args.recipe).read_text())
     run_dir = Path(args.run or raw["out"])
-    overrides = {"out": str(run_dir), "stages": list(UP_TO_CAPFILT)}
+    stages = raw.get("stages") or []
+    up_to_capfilt = stages[: stages.index("capfilt") + 1] if "capfilt" in stages else stages
+    overrides = {"out": str(run_dir), "stages": up_to_capfilt}
     recipe = load_recipe(args.recipe, overrides)
     run_recipe(recipe)
     results = {"recipe": args.recipe, "run_dir": str(run_dir), **measure(run_dir, recipe.capfilt.threshold)}
