@@ -42,24 +42,9 @@ ATTRIBUTES = ("colour", "shape", "size")
 
 def probe_scenes(n: int, seed: int) -> list[Any]:
     """``n`` one-object scenes, attributes uniform, the centre kept away from the border."""
-    from capfilt.world.scene import COLOURS, SHAPES, SIZES, Obj, Scene
+    from capfilt.vitinit import labelled_scenes
 
-    rng = random.Random(seed)
-    return [
-        Scene(
-            f"probe-{i}",
-            (
-                Obj(
-                    rng.choice(SHAPES),
-                    rng.choice(COLOURS),
-                    rng.choice(SIZES),
-                    rng.uniform(0.25, 0.75),
-                    rng.uniform(0.25, 0.75),
-                ),
-            ),
-        )
-        for i in range(n)
-    ]
+    return labelled_scenes(n, random.Random(seed), "probe")
 
 
 def describe(size: str, colour: str, shape: str) -> str:
