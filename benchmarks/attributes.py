@@ -42,7 +42,7 @@ ATTRIBUTES = ("colour", "shape", "size")
 
 def probe_scenes(n: int, seed: int) -> list[Any]:
     """``n`` one-object scenes, attributes uniform, the centre kept away from the border."""
-    from capfilt.vitinit import labelled_scenes
+    from capfilt.stages.vit import labelled_scenes
 
     return labelled_scenes(n, random.Random(seed), "probe")
 
@@ -66,7 +66,7 @@ def matching_accuracy(med: Any, tokenizer: Any, images: Any, objs: list[Any]) ->
     import numpy as np
     import torch
 
-    from capfilt.tokenizer import tokenize
+    from capfilt.model.tokenizer import tokenize
 
     out: dict[str, dict[str, float]] = {"itc": {}, "itm": {}}
     with torch.inference_mode():
@@ -93,7 +93,7 @@ def matching_accuracy(med: Any, tokenizer: Any, images: Any, objs: list[Any]) ->
 
 
 def caption_accuracy(med: Any, tokenizer: Any, pil_images: list[Any], scenes: list[Any]) -> dict[str, Any]:
-    from capfilt.evaluate import EvalConfig, generate_captions
+    from capfilt.eval.metrics import EvalConfig, generate_captions
     from capfilt.world.checker import check_caption, tokenize
 
     captions = generate_captions(med, tokenizer, pil_images, EvalConfig(device="cpu"))
@@ -115,8 +115,8 @@ def measure_run(run: Path, n: int, seed: int) -> dict[str, Any]:
     import torch
 
     from capfilt.model.interop import load_checkpoint
-    from capfilt.tokenizer import load_tokenizer
-    from capfilt.transforms import test_transform
+    from capfilt.model.tokenizer import load_tokenizer
+    from capfilt.model.transforms import test_transform
     from capfilt.world.render import render
 
     scenes = probe_scenes(n, seed)

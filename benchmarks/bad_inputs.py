@@ -28,7 +28,7 @@ def bad_inputs(work_dir: str | Path | None = None, ray_address: str | None = Non
     """Run the matrix once; {kinds_tried, rows_in, rows_out, rows_lost, rows_duplicated,
     status_by_kind, reason_by_kind, kinds_not_as_expected, status_counts, wall_s, ray_init_s}.
     Starts (or joins) Ray and leaves it running for the caller."""
-    from capfilt.cluster import ensure_ray
+    from capfilt.core.cluster import ensure_ray
     from capfilt.world.badinputs import run_matrix
 
     t0 = time.perf_counter()

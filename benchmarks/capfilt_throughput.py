@@ -8,7 +8,7 @@ repetition penalty 1.1, prompt "a picture of ", max length 30) and compute the s
 K captions per image, then ITM p(match) (with [ENC] first) and the ITC cosine for the web text and
 every caption.
 
-- stage: ``capfilt.capfilt_stage.run_capfilt`` on a local Ray instance started once before timing
+- stage: ``capfilt.stages.capfilt.driver.run_capfilt`` on a local Ray instance started once before timing
   (a long job pays ``ray.init`` once; actor start-up and model loading are inside the timing),
   writing cleaned shards, candidates and stats.
 - per_sample: one ``generate`` call per image, then the retrieval model once per (image, text)
@@ -69,11 +69,11 @@ def make_inputs(root: Path, n_images: int, image_size: int, shard_size: int) -> 
     import pyarrow.parquet as pq
     import torch
 
-    from capfilt import schema as S
+    from capfilt.core import schema as S
+    from capfilt.core.text import pre_caption
     from capfilt.model import create_med, get_config
     from capfilt.model.interop import export_captioner, export_filter
-    from capfilt.text import pre_caption
-    from capfilt.tokenizer import TokenIds, train_wordpiece
+    from capfilt.model.tokenizer import TokenIds, train_wordpiece
     from capfilt.world import WorldConfig, make_world
 
     world = root / "world"
@@ -131,7 +131,7 @@ def _samples(data: Path) -> tuple[list[bytes], list[str]]:
 
 
 def run_stage(inputs: dict[str, Path], out: Path, k: int, batch_size: int, captioner_actors: int) -> float:
-    from capfilt.capfilt_stage import CapFiltConfig, run_capfilt
+    from capfilt.stages.capfilt.driver import CapFiltConfig, run_capfilt
 
     cfg = CapFiltConfig(k=k, batch_size=batch_size, captioner_actors=captioner_actors, max_length=MAX_LENGTH)
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ class _Transformers:
     def __init__(self, inputs: dict[str, Path]) -> None:
         from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-        from capfilt.transforms import test_transform
+        from capfilt.model.transforms import test_transform
 
         self.cap = BlipForConditionalGeneration.from_pretrained(inputs["captioner"]).eval()
         self.ret = BlipForImageTextRetrieval.from_pretrained(inputs["filter"]).eval()
@@ -160,7 +160,7 @@ class _Transformers:
     def pixels(self, images: list[bytes]) -> Any:
         import torch
 
-        from capfilt.transforms import decode_image
+        from capfilt.model.transforms import decode_image
 
         return torch.stack([self.transform(decode_image(b)) for b in images])  # [B, 3, S, S]
 
@@ -205,7 +205,7 @@ class _Transformers:
 def run_per_sample(model: _Transformers, images: list[bytes], texts: list[str], k: int) -> float:
     import torch
 
-    from capfilt.text import pre_caption
+    from capfilt.core.text import pre_caption
 
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -222,7 +222,7 @@ def run_batched(
 ) -> float:
     import torch
 
-    from capfilt.text import pre_caption
+    from capfilt.core.text import pre_caption
 
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -243,8 +243,8 @@ def run_batched(
 
 _RSS_CHILD = """
 import json, sys, time
-from capfilt.capfilt_stage import CapFiltConfig, run_capfilt
-from capfilt.cluster import ensure_ray
+from capfilt.stages.capfilt.driver import CapFiltConfig, run_capfilt
+from capfilt.core.cluster import ensure_ray
 ensure_ray(num_cpus=4)
 a = json.loads(sys.argv[1])
 t0 = time.perf_counter()
@@ -332,7 +332,7 @@ def main() -> None:
     import ray
     import torch
 
-    from capfilt.cluster import ensure_ray
+    from capfilt.core.cluster import ensure_ray
 
     default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:

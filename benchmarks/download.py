@@ -26,7 +26,7 @@ RESULTS = Path(__file__).parent / "results" / "download.json"
 
 
 def _ours(urls: Path, out: Path, image_size: int, shard_size: int, threads: int) -> tuple[float, int]:
-    from capfilt.download import DownloadConfig, run_download
+    from capfilt.stages.download import DownloadConfig, run_download
 
     cfg = DownloadConfig(
         image_size=image_size,
@@ -85,7 +85,7 @@ def main() -> None:
 
     import ray
 
-    from capfilt.cluster import ensure_ray
+    from capfilt.core.cluster import ensure_ray
     from capfilt.world import WorldConfig, WorldServer, make_world, write_url_list
 
     with tempfile.TemporaryDirectory() as tmp:

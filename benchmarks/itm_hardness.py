@@ -37,12 +37,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from capfilt.data import Collator, TrainBatch
-from capfilt.evaluate import roc_auc
+from capfilt.eval.metrics import roc_auc
 from capfilt.model.interop import load_med
-from capfilt.tokenizer import load_tokenizer
-from capfilt.train import TrainConfig, build_state, train_step
-from capfilt.transforms import decode_image, test_transform
+from capfilt.model.tokenizer import load_tokenizer
+from capfilt.model.transforms import decode_image, test_transform
+from capfilt.train.data import Collator, TrainBatch
+from capfilt.train.loop import TrainConfig, build_state, train_step
 from capfilt.world import check_caption, load_world
 
 log = logging.getLogger("itm_hardness")
@@ -79,7 +79,7 @@ VARIANTS: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [
 
 
 def auc(pos: Any, neg: Any) -> float:
-    """ROC-AUC of positives' scores against negatives' (capfilt.evaluate.roc_auc)."""
+    """ROC-AUC of positives' scores against negatives' (capfilt.eval.metrics.roc_auc)."""
     pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
     return roc_auc(np.r_[pos, neg], np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)])
 

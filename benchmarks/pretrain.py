@@ -32,7 +32,7 @@ RESULTS = Path(__file__).parent / "results" / "pretrain.json"
 
 
 def _download(root: Path, n_web: int) -> Path:
-    from capfilt.download import DownloadConfig, run_download
+    from capfilt.stages.download import DownloadConfig, run_download
     from capfilt.world import WorldConfig, WorldServer, make_world, write_url_list
 
     world = root / "world"
@@ -52,7 +52,7 @@ def _download(root: Path, n_web: int) -> Path:
 def _ray_windows(
     shards: Path, root: Path, workers: int, batch: int, steps: int, log_every: int
 ) -> list[float]:
-    from capfilt.train import TrainConfig, run_training
+    from capfilt.train.loop import TrainConfig, run_training
 
     cores = os.cpu_count() or 1
     cfg = TrainConfig(
@@ -88,10 +88,10 @@ def _split(shards: Path, tokenizer_dir: Path, batch: int, repeats: int) -> dict[
     import pyarrow.parquet as pq
     import torch
 
-    from capfilt.data import Collator, SkipCounts, fixed_batches, resolve_sources
     from capfilt.model import get_config
-    from capfilt.tokenizer import TokenIds, load_tokenizer
-    from capfilt.train import TrainConfig, build_state, train_step
+    from capfilt.model.tokenizer import TokenIds, load_tokenizer
+    from capfilt.train.data import Collator, SkipCounts, fixed_batches, resolve_sources
+    from capfilt.train.loop import TrainConfig, build_state, train_step
 
     torch.set_num_threads(os.cpu_count() or 1)
     tok = load_tokenizer(tokenizer_dir)
@@ -171,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from capfilt.cluster import ensure_ray
+    from capfilt.core.cluster import ensure_ray
 
     with tempfile.TemporaryDirectory(prefix="capfilt-bench-pretrain-") as tmp:
         root = Path(tmp)

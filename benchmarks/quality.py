@@ -31,9 +31,9 @@ GOALS = {"kept_web_correct": 0.95, "kept_synthetic_correct": 0.90, "filter_auc":
 
 
 def measure(run_dir: Path, threshold: float) -> dict[str, Any]:
-    from capfilt.capfilt_stage import read_candidates
-    from capfilt.download import read_samples
-    from capfilt.evaluate import evaluate_capfilt
+    from capfilt.eval.metrics import evaluate_capfilt
+    from capfilt.stages.capfilt.driver import read_candidates
+    from capfilt.stages.download import read_samples
     from capfilt.world import load_world
 
     world = load_world(run_dir / "world")
@@ -64,8 +64,8 @@ def measure(run_dir: Path, threshold: float) -> dict[str, Any]:
 def main() -> None:
     import yaml
 
-    from capfilt.pipeline import run_recipe
-    from capfilt.recipe import load_recipe
+    from capfilt.pipeline.recipe import load_recipe
+    from capfilt.pipeline.runner import run_recipe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="pipelines/demo.yaml")

@@ -184,9 +184,9 @@ def download_rows(
 ) -> dict[str, Any]:
     """rows_in / rows_out / rows_failed / rows_pending / rows_lost / rows_duplicated of a
     download folder, for the URL list `urls` (see the module docstring)."""
-    from capfilt.download import read_samples
-    from capfilt.shards import done_shards
-    from capfilt.urllist import read_url_list
+    from capfilt.core.shards import done_shards
+    from capfilt.io.urllist import read_url_list
+    from capfilt.stages.download import read_samples
 
     uids = read_url_list(urls, source="shapes").column("uid").to_pylist()
     got = read_samples(out, ["uid"]).column("uid").to_pylist() if out.exists() else []
@@ -211,9 +211,9 @@ def capfilt_rows(data: Path, out: Path) -> dict[str, Any]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from capfilt import schema as S
-    from capfilt.capfilt_stage import read_candidates
-    from capfilt.shards import STATS_DIR
+    from capfilt.core import schema as S
+    from capfilt.core.shards import STATS_DIR
+    from capfilt.stages.capfilt.driver import read_candidates
 
     images: dict[str, str] = {}
     for f in sorted(data.glob("[0-9]*.parquet")):
@@ -236,13 +236,13 @@ def capfilt_rows(data: Path, out: Path) -> dict[str, Any]:
 
 
 def same_samples(a: Path, b: Path) -> bool:
-    from capfilt.download import read_samples
+    from capfilt.stages.download import read_samples
 
     return bool(read_samples(a).equals(read_samples(b)))
 
 
 def same_capfilt(a: Path, b: Path) -> bool:
-    from capfilt.capfilt_stage import read_candidates, read_cleaned
+    from capfilt.stages.capfilt.driver import read_candidates, read_cleaned
 
     keys = [("uid", "ascending"), ("text_uid", "ascending")]
     return bool(
@@ -300,7 +300,7 @@ def download_killed_before_rename(victim: int, marker: Path) -> Callable[..., di
     def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
         import os as os_
 
-        import capfilt.download as dl
+        import capfilt.stages.download as dl
 
         if shard == victim and attempt == 1:
             real_replace = os_.replace
@@ -319,7 +319,7 @@ def download_killed_before_rename(victim: int, marker: Path) -> Callable[..., di
 
 def download_always_failing(victim: int) -> Callable[..., dict[str, Any]]:
     def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
-        import capfilt.download as dl
+        import capfilt.stages.download as dl
 
         if shard == victim:
             raise RuntimeError(f"injected fault: disk full on attempt {attempt}")
@@ -329,7 +329,7 @@ def download_always_failing(victim: int) -> Callable[..., dict[str, Any]]:
 
 
 class OsFailingReplace:
-    """`os` for capfilt.shards whose replace raises for a target ending in `suffix`."""
+    """`os` for capfilt.core.shards whose replace raises for a target ending in `suffix`."""
 
     def __init__(self, suffix: str) -> None:
         self.suffix = suffix
@@ -362,7 +362,7 @@ def training_killed_at(step: int, marker: Path) -> Callable[[dict[str, Any]], An
     def loop(config: dict[str, Any]) -> Any:
         import os as os_
 
-        import capfilt.train as T
+        import capfilt.train.loop as T
 
         real_step = T.train_step
 
@@ -389,11 +389,11 @@ def tiny_models(world: Path, root: Path) -> dict[str, Path]:
     import pyarrow.parquet as pq
     import torch
 
-    from capfilt.capfilt_stage import CapFiltConfig, preprocess_batch, score_batch
+    from capfilt.core.text import pre_caption
     from capfilt.model import create_med, get_config
     from capfilt.model.interop import export_captioner, export_filter
-    from capfilt.text import pre_caption
-    from capfilt.tokenizer import TokenIds, train_wordpiece
+    from capfilt.model.tokenizer import TokenIds, train_wordpiece
+    from capfilt.stages.capfilt.driver import CapFiltConfig, preprocess_batch, score_batch
 
     web = pq.read_table(world / "web.parquet")
     tok = train_wordpiece([pre_caption(c) for c in web.column("caption").to_pylist()], vocab_size=400)
@@ -466,8 +466,8 @@ class Faults:
     """The fault scenarios, sharing one world, its reference runs and the models."""
 
     def __init__(self, work: Path, n_web: int, rec: Record) -> None:
-        from capfilt.capfilt_stage import CapFiltConfig
-        from capfilt.download import DownloadConfig
+        from capfilt.stages.capfilt.driver import CapFiltConfig
+        from capfilt.stages.download import DownloadConfig
         from capfilt.world import WorldConfig, make_world
 
         self.work, self.rec = work, rec
@@ -491,7 +491,7 @@ class Faults:
     # shared inputs ---------------------------------------------------------------------
 
     def setup_download(self, server_url: str) -> None:
-        from capfilt.download import run_download
+        from capfilt.stages.download import run_download
         from capfilt.world import write_url_list
 
         self.gate = Gate(server_url)
@@ -518,7 +518,7 @@ class Faults:
 
     @property
     def capfilt_ref(self) -> Path:
-        from capfilt.capfilt_stage import run_capfilt
+        from capfilt.stages.capfilt.driver import run_capfilt
 
         if self._cref is None:
             self._cref = self.work / "ref-capfilt"
@@ -532,7 +532,7 @@ class Faults:
     # the faults ------------------------------------------------------------------------
 
     def download_worker_killed(self) -> None:
-        import capfilt.download as D
+        import capfilt.stages.download as D
 
         out, marker = self.work / "dl-worker-killed", self.work / "dl-worker-killed.marker"
         with patched(D, "download_shard", download_killed_before_rename(1, marker)):
@@ -552,8 +552,8 @@ class Faults:
         )
 
     def _always_failing(self, name: str, budget: int) -> None:
-        import capfilt.download as D
-        from capfilt.errors import StageFailed
+        import capfilt.stages.download as D
+        from capfilt.core.errors import StageFailed
 
         out = self.work / name
         cfg = self.dl.model_copy(update={"max_attempts": 2, "failure_budget": budget})
@@ -595,10 +595,10 @@ class Faults:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        import capfilt.shards as shards_mod
-        from capfilt.download import download_shard, run_download, screen_rows
-        from capfilt.shards import done_shards
-        from capfilt.urllist import read_url_list
+        import capfilt.core.shards as shards_mod
+        from capfilt.core.shards import done_shards
+        from capfilt.io.urllist import read_url_list
+        from capfilt.stages.download import download_shard, run_download, screen_rows
 
         out = self.work / "dl-crash-before-rename"
         pairs = read_url_list(self.urls, source="shapes")
@@ -666,7 +666,7 @@ class Faults:
         )
 
     def capfilt_actors_killed(self) -> None:
-        import capfilt.capfilt_stage as C
+        import capfilt.stages.capfilt.driver as C
 
         cref, data, models = self.capfilt_ref, self.capfilt_data, self.models
         out = self.work / "cf-actors-killed"
@@ -689,8 +689,8 @@ class Faults:
         )
 
     def capfilt_crash_before_rename(self) -> None:
-        import capfilt.shards as shards_mod
-        from capfilt.capfilt_stage import run_capfilt
+        import capfilt.core.shards as shards_mod
+        from capfilt.stages.capfilt.driver import run_capfilt
 
         cref, data, models = self.capfilt_ref, self.capfilt_data, self.models
         out = self.work / "cf-crash-before-rename"
@@ -718,7 +718,7 @@ class Faults:
         )
 
     def capfilt_driver_killed(self) -> None:
-        from capfilt.capfilt_stage import run_capfilt
+        from capfilt.stages.capfilt.driver import run_capfilt
 
         models = self.models
         out, cli_log = self.work / "cf-driver-killed", self.work / "cf-driver-killed.log"
@@ -748,7 +748,7 @@ class Faults:
         )
 
     def training_worker_killed(self) -> None:
-        import capfilt.train as T
+        import capfilt.train.loop as T
 
         out, marker = self.work / "train", self.work / "train.marker"
         tcfg = T.TrainConfig.model_validate(
@@ -819,9 +819,9 @@ def run_faults(work: Path, n_web: int, rec: Record, names: list[str]) -> None:
 
 _SOAK_CHILD = """
 import json, sys, time
-from capfilt.capfilt_stage import CapFiltConfig, run_capfilt
-from capfilt.cluster import ensure_ray
-from capfilt.download import DownloadConfig, run_download
+from capfilt.stages.capfilt.driver import CapFiltConfig, run_capfilt
+from capfilt.core.cluster import ensure_ray
+from capfilt.stages.download import DownloadConfig, run_download
 a = json.loads(sys.argv[1])
 for attempt in range(3):  # Ray gives its raylet 30 s to register: a loaded machine can miss it
     try:
@@ -1006,16 +1006,16 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in (
-        "capfilt.download",
-        "capfilt.capfilt_stage",
-        "capfilt.train",
-        "capfilt.urllist",
-        "capfilt.cluster",
+        "capfilt.stages.download",
+        "capfilt.stages.capfilt.driver",
+        "capfilt.train.loop",
+        "capfilt.io.urllist",
+        "capfilt.core.cluster",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import ray
 
-    from capfilt.cluster import ensure_ray
+    from capfilt.core.cluster import ensure_ray
 
     t0 = time.time()
     rec = Record()

@@ -48,8 +48,8 @@ def seeded_recipe(recipe: dict[str, Any], seed: int, out: Path) -> dict[str, Any
 def run_seed(recipe: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
     import yaml
 
-    from capfilt.pipeline import run_recipe
-    from capfilt.recipe import load_recipe
+    from capfilt.pipeline.recipe import load_recipe
+    from capfilt.pipeline.runner import run_recipe
 
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(seeded_recipe(recipe, seed, out)))
@@ -62,7 +62,7 @@ def run_seed(recipe: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
 def from_run(run_dir: Path) -> dict[str, Any]:
     """The figures of a finished run folder (e.g. `make demo`'s runs/demo), read from its stage
     manifests; its wall time is the sum of the stages' own."""
-    from capfilt.pipeline import STAGES_DIR
+    from capfilt.pipeline.runner import STAGES_DIR
 
     stages = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / STAGES_DIR).glob("*.json"))}
     stages = {k: v for k, v in stages.items() if not k.startswith("_")}

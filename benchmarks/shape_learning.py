@@ -54,7 +54,7 @@ LR = 5e-4
 log = logging.getLogger("shape_learning")
 
 # name -> (objectives, options); options: "lr", "vision_lr_mult", "vit_steps" (start the ViT from
-# capfilt.vitinit's classifier trained for that many steps, as the demo's 'vit' stage does).
+# capfilt.stages.vit's classifier trained for that many steps, as the demo's 'vit' stage does).
 PRETRAIN_BASE = {"distill": False, "queue_size": 0, "itm_hardness": 0}  # the demo's round 1
 PRETRAIN_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, float]]] = {
     "base": (PRETRAIN_BASE, {}),
@@ -99,7 +99,7 @@ class Probe:
     def __init__(self) -> None:
         from attributes import probe_scenes
 
-        from capfilt.transforms import test_transform
+        from capfilt.model.transforms import test_transform
         from capfilt.world.render import render
 
         transform = test_transform(64)
@@ -136,8 +136,8 @@ class Probe:
 def run_probe_variant(name: str, steps: int, every: int, probe: Probe, run: Path) -> dict[str, Any]:
     from capfilt.model.interop import load_med
     from capfilt.model.med import Med
-    from capfilt.tokenizer import load_tokenizer, tokenize
-    from capfilt.transforms import train_transform
+    from capfilt.model.tokenizer import load_tokenizer, tokenize
+    from capfilt.model.transforms import train_transform
     from capfilt.world.render import render
     from capfilt.world.scene import COLOURS, SHAPES, SIZES, Obj, Scene
 
@@ -223,14 +223,14 @@ def run_probe_variant(name: str, steps: int, every: int, probe: Probe, run: Path
 def run_pretrain_variant(name: str, steps: int, every: int, probe: Probe, data: Any) -> dict[str, Any]:
     from itm_hardness import batches
 
-    from capfilt.data import Collator
-    from capfilt.train import TrainConfig, build_state, train_step
+    from capfilt.train.data import Collator
+    from capfilt.train.loop import TrainConfig, build_state, train_step
 
     objectives, opts = PRETRAIN_VARIANTS[name]
     lr = opts.get("lr", LR)
     vision_init, vit = None, None
     if "vit_steps" in opts:
-        from capfilt.vitinit import VitInitConfig, train_vit_classifier
+        from capfilt.stages.vit import VitInitConfig, train_vit_classifier
 
         vit = train_vit_classifier(
             VitInitConfig(steps=int(opts["vit_steps"])), data.med_config, tempfile.mkdtemp(prefix="vit-")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from capfilt.errors import ConfigError, StageFailed
+from capfilt.core.errors import ConfigError, StageFailed
 
 app = typer.Typer(
     add_completion=False,
@@ -24,7 +24,7 @@ log = logging.getLogger("capfilt")
 
 
 def _setup_logging(verbose: bool) -> None:
-    from capfilt.logs import FORMAT, install
+    from capfilt.core.logs import FORMAT, install
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT, datefmt="%H:%M:%S")
     install(logging.getLogger().handlers)  # " [stage shard]" after the logger name
@@ -129,7 +129,7 @@ def download(
     ] = False,
 ) -> None:
     """Download a URL list with img2dataset on Ray into Parquet shards, one row per input row."""
-    from capfilt.download import DownloadConfig, run_download
+    from capfilt.stages.download import DownloadConfig, run_download
 
     if allow_loopback and url_policy == "public":
         url_policy = "allow_loopback"
@@ -167,8 +167,8 @@ def run(
     ] = None,
 ) -> None:
     """Run the stages a recipe names, skipping work already done."""
-    from capfilt.pipeline import run_recipe, summary_blocks
-    from capfilt.recipe import load_recipe
+    from capfilt.pipeline.recipe import load_recipe
+    from capfilt.pipeline.runner import run_recipe, summary_blocks
 
     t0 = time.time()
     overrides: dict[str, str | None] = {"out": str(out)} if out else {}
@@ -224,7 +224,7 @@ def pretrain(
     """Pretrain MED with ITC + ITM + LM on Ray Train (BLIP's recipe); --resume continues a run."""
     from pydantic import ValidationError
 
-    from capfilt.train import CONFIG_FILE, TrainConfig, run_training
+    from capfilt.train.loop import CONFIG_FILE, TrainConfig, run_training
 
     options = {
         "steps": steps,
@@ -335,7 +335,7 @@ def capfilt_cmd(
     """Caption and filter downloaded images (BLIP's CapFilt) into cleaned shards; reruns resume."""
     from pydantic import ValidationError
 
-    from capfilt.capfilt_stage import CapFiltConfig, run_capfilt
+    from capfilt.stages.capfilt.driver import CapFiltConfig, run_capfilt
 
     try:
         cfg = CapFiltConfig.model_validate(
@@ -384,7 +384,7 @@ def rethreshold(
     threshold: Annotated[float, typer.Option(help="Keep a text when its ITM p(match) >= this.")],
 ) -> None:
     """Re-decide a CapFilt run at a new threshold from its candidates table; no model runs."""
-    from capfilt.capfilt_stage import rethreshold as rethreshold_run
+    from capfilt.stages.capfilt.driver import rethreshold as rethreshold_run
 
     try:
         summary = rethreshold_run(run, threshold)
@@ -405,7 +405,7 @@ def validate(
     ] = True,
 ) -> None:
     """Check a recipe without running it."""
-    from capfilt.recipe import load_recipe
+    from capfilt.pipeline.recipe import load_recipe
 
     try:
         rec = load_recipe(recipe, check_paths=check_paths)
@@ -422,7 +422,7 @@ def status(
     ],
 ) -> None:
     """Summarise a run, finished or in progress: stages done, shards done, failures by reason."""
-    from capfilt.status import run_status
+    from capfilt.pipeline.status import run_status
 
     try:
         st = run_status(run_dir)

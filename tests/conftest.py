@@ -20,7 +20,7 @@ def ray_local() -> Iterator[None]:
     """One embedded Ray instance for the whole session: ray.init costs seconds."""
     import ray
 
-    from capfilt.cluster import ensure_ray
+    from capfilt.core.cluster import ensure_ray
 
     ensure_ray(num_cpus=4)
     yield

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capfilt import schema as S
-from capfilt.imageguard import GuardedResizer, inspect, jpeg_is_truncated
-from capfilt.transforms import decode_image
+from capfilt.core import schema as S
+from capfilt.io.imageguard import GuardedResizer, inspect, jpeg_is_truncated
+from capfilt.model.transforms import decode_image
 from capfilt.world.badinputs import MATRIX, MatrixResult, matrix_files, matrix_kinds, run_matrix
 
 IMAGE_SIZE = 64

@@ -16,8 +16,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capfilt import schema as S
-from capfilt.capfilt_stage import (
+from capfilt.cli import app
+from capfilt.core import schema as S
+from capfilt.core.errors import ConfigError
+from capfilt.core.shards import STATS_DIR
+from capfilt.core.text import pre_caption
+from capfilt.model import create_med, get_config
+from capfilt.model.interop import export_captioner, export_filter
+from capfilt.model.tokenizer import TokenIds, load_tokenizer, tokenize, train_wordpiece
+from capfilt.model.transforms import decode_image, test_transform
+from capfilt.stages.capfilt.driver import (
     CANDIDATES_DIR,
     CLEANED_DIR,
     REASON_BELOW,
@@ -36,15 +44,7 @@ from capfilt.capfilt_stage import (
     run_capfilt,
     score_batch,
 )
-from capfilt.cli import app
-from capfilt.download import DownloadConfig, read_samples, run_download
-from capfilt.errors import ConfigError
-from capfilt.model import create_med, get_config
-from capfilt.model.interop import export_captioner, export_filter
-from capfilt.shards import STATS_DIR
-from capfilt.text import pre_caption
-from capfilt.tokenizer import TokenIds, load_tokenizer, tokenize, train_wordpiece
-from capfilt.transforms import decode_image, test_transform
+from capfilt.stages.download import DownloadConfig, read_samples, run_download
 
 # Short captions keep the random captioner cheap: [DEC] + 3 prompt tokens + up to 8 more.
 CFG = CapFiltConfig(k=2, max_length=12, min_length=5, batch_size=16)
@@ -178,7 +178,7 @@ def test_captions_are_seeded_per_image_not_per_batch(loaded, batch):
 
 
 def test_the_seeded_sampler_draws_from_the_top_k_nucleus():
-    from capfilt.capfilt_stage import _seeded_sampler_class
+    from capfilt.stages.capfilt.driver import _seeded_sampler_class
 
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.02, 0.3, 0.2, 0.03]]))
     draws = 20000

@@ -18,17 +18,17 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from capfilt.capfilt_stage import read_cleaned
 from capfilt.cli import app
-from capfilt.download import DownloadConfig
-from capfilt.errors import ConfigError
-from capfilt.logs import ContextFilter
+from capfilt.core.errors import ConfigError
+from capfilt.core.logs import ContextFilter
+from capfilt.core.text import pre_caption
 from capfilt.model import create_med, get_config
 from capfilt.model.interop import export_captioner, export_filter, load_blip_pth
-from capfilt.recipe import Recipe, load_recipe
-from capfilt.status import DONE, run_status
-from capfilt.text import pre_caption
-from capfilt.tokenizer import TokenIds, train_wordpiece
+from capfilt.model.tokenizer import TokenIds, train_wordpiece
+from capfilt.pipeline.recipe import Recipe, load_recipe
+from capfilt.pipeline.status import DONE, run_status
+from capfilt.stages.capfilt.driver import read_cleaned
+from capfilt.stages.download import DownloadConfig
 from capfilt.world import WorldConfig, WorldServer, make_world
 
 RECIPE = Path("pipelines/cc3m.yaml")
@@ -267,7 +267,7 @@ def test_status_of_the_finished_run(cc3m_run):
 def test_capfilt_log_lines_name_the_stage_and_the_shard(cc3m_run):
     _, result, records = cc3m_run
     assert result.exit_code == 0, result.output
-    done = [r for r in records if r.name == "capfilt.capfilt_stage" and " done: " in r.getMessage()]
+    done = [r for r in records if r.name == "capfilt.stages.capfilt.driver" and " done: " in r.getMessage()]
     assert done, "no shard log lines"
     for r in done:
         assert r.stage == "capfilt" and r.getMessage().startswith(f"shard {r.shard} done")

@@ -15,8 +15,8 @@ import yaml
 from typer.testing import CliRunner
 
 from capfilt.cli import app
-from capfilt.recipe import Recipe, load_recipe
-from capfilt.resources import fit_resources
+from capfilt.pipeline.recipe import Recipe, load_recipe
+from capfilt.pipeline.resources import fit_resources
 
 LAUNCHER = Path("docker/ray-cluster.yaml")
 RAYJOB = Path("docker/rayjob.yaml")

@@ -15,8 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from capfilt import schema as S
-from capfilt.data import (
+from capfilt.core import schema as S
+from capfilt.core.errors import ConfigError
+from capfilt.core.text import pre_caption
+from capfilt.model.tokenizer import train_wordpiece
+from capfilt.train.data import (
     PAIR_COLUMNS,
     Collator,
     DataSource,
@@ -29,9 +32,6 @@ from capfilt.data import (
     read_karpathy,
     resolve_sources,
 )
-from capfilt.errors import ConfigError
-from capfilt.text import pre_caption
-from capfilt.tokenizer import train_wordpiece
 
 BAD_BYTES = b"\xff\xd8\xff\xe0 not really a jpeg"
 

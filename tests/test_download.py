@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt import schema as S
-from capfilt.download import DownloadConfig, download_shard, read_samples, run_download, screen_rows
-from capfilt.errors import ConfigError
-from capfilt.shards import INPUTS_DIR, stats_path
-from capfilt.urllist import read_url_list
+from capfilt.core import schema as S
+from capfilt.core.errors import ConfigError
+from capfilt.core.shards import INPUTS_DIR, stats_path
+from capfilt.io.urllist import read_url_list
+from capfilt.stages.download import DownloadConfig, download_shard, read_samples, run_download, screen_rows
 
 CFG = DownloadConfig(
     image_size=64, shard_size=60, thread_count=8, timeout=5, source="shapes", url_policy="allow_loopback"
@@ -137,7 +137,7 @@ def test_rerun_with_another_input_is_refused(downloaded, tmp_path):
 
 def test_a_row_img2dataset_loses_is_written_as_failed_internal(served_world, tmp_path, monkeypatch):
     """img2dataset only prints when processing a row raises; we must still write the row."""
-    import capfilt.download as D
+    import capfilt.stages.download as D
 
     _, urls, _ = served_world
     pairs = read_url_list(urls, source="shapes").slice(0, 5)

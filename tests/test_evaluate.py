@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from capfilt import schema as S
-from capfilt.evaluate import (
+from capfilt.core import schema as S
+from capfilt.eval.metrics import (
     EvalConfig,
     EvalSplit,
     caption_scores,
@@ -198,7 +198,7 @@ def test_checker_rate_on_the_worlds_test_scenes(small_world: Path):
 @pytest.fixture(scope="module")
 def tiny_model(small_world: Path):
     from capfilt.model import create_med, get_config
-    from capfilt.tokenizer import TokenIds, train_wordpiece
+    from capfilt.model.tokenizer import TokenIds, train_wordpiece
 
     split = load_world_test_split(small_world)
     tok = train_wordpiece(split.texts(), vocab_size=300)

@@ -31,15 +31,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import capfilt.capfilt_stage as C
-import capfilt.download as D
-import capfilt.shards as shards_mod
-from capfilt.capfilt_stage import CapFiltConfig, read_candidates, read_cleaned, run_capfilt
-from capfilt.download import DownloadConfig, download_shard, read_samples, run_download, screen_rows
-from capfilt.errors import StageFailed
-from capfilt.shards import INPUTS_DIR, STATS_DIR, done_shards, read_json, stats_path
-from capfilt.status import run_status
-from capfilt.urllist import read_url_list
+import capfilt.core.shards as shards_mod
+import capfilt.stages.capfilt.driver as C
+import capfilt.stages.download as D
+from capfilt.core.errors import StageFailed
+from capfilt.core.shards import INPUTS_DIR, STATS_DIR, done_shards, read_json, stats_path
+from capfilt.io.urllist import read_url_list
+from capfilt.pipeline.status import run_status
+from capfilt.stages.capfilt.driver import CapFiltConfig, read_candidates, read_cleaned, run_capfilt
+from capfilt.stages.download import DownloadConfig, download_shard, read_samples, run_download, screen_rows
 
 SHARD_SIZE = 30  # the session's world has 282 web rows (bad rows included): 10 download shards
 # The same download settings in process and on the command line, so their runs compare.
@@ -285,7 +285,7 @@ def _download_task_killed_before_rename(victim: int, marker: Path) -> Callable[.
     def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
         import os as os_
 
-        import capfilt.download as dl
+        import capfilt.stages.download as dl
 
         if shard == victim and attempt == 1:
             real_replace = os_.replace
@@ -328,7 +328,7 @@ def test_download_worker_killed_mid_shard_is_retried_to_the_same_rows(
 
 def _download_task_always_failing(victim: int) -> Callable[..., dict[str, Any]]:
     def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
-        import capfilt.download as dl
+        import capfilt.stages.download as dl
 
         if shard == victim:
             raise RuntimeError(f"injected fault: disk full on attempt {attempt}")
@@ -393,7 +393,7 @@ def test_shards_failing_beyond_the_budget_fail_the_job_naming_them(
 
 
 class _OsWithFailingReplace:
-    """``os`` for capfilt.shards with a replace that raises for a target path ending in
+    """``os`` for capfilt.core.shards with a replace that raises for a target path ending in
     ``name``: a crash between a file's temp write and its rename, in this process."""
 
     def __init__(self, name: str) -> None:
@@ -493,11 +493,11 @@ def one_torch_thread() -> Iterator[None]:
 def models(small_world: Path, one_torch_thread, tmp_path_factory) -> dict[str, Path]:
     """A tiny random MED (tokenizer trained on the world's captions), exported as a captioner and
     as a filter; its ITM head shifted so the world's median pair scores 0.5 (keeps and drops)."""
-    from capfilt.capfilt_stage import preprocess_batch, score_batch
+    from capfilt.core.text import pre_caption
     from capfilt.model import create_med, get_config
     from capfilt.model.interop import export_captioner, export_filter
-    from capfilt.text import pre_caption
-    from capfilt.tokenizer import TokenIds, train_wordpiece
+    from capfilt.model.tokenizer import TokenIds, train_wordpiece
+    from capfilt.stages.capfilt.driver import preprocess_batch, score_batch
 
     root = tmp_path_factory.mktemp("fault-models")
     web = pq.read_table(small_world / "web.parquet")
@@ -616,7 +616,7 @@ def _training_worker_killed_at(step: int, marker: Path) -> Callable[[dict[str, A
     def loop(config: dict[str, Any]) -> Any:
         import os as os_
 
-        import capfilt.train as T
+        import capfilt.train.loop as T
 
         real_step = T.train_step
 
@@ -634,7 +634,7 @@ def _training_worker_killed_at(step: int, marker: Path) -> Callable[[dict[str, A
 
 
 def _train_config(data: Path, out: Path, **overrides: Any) -> Any:
-    from capfilt.train import TrainConfig
+    from capfilt.train.loop import TrainConfig
 
     base: dict[str, Any] = {
         "model": "med-tiny",
@@ -658,7 +658,7 @@ def _train_config(data: Path, out: Path, **overrides: Any) -> Any:
 def killed_training(ray_local, reference, tmp_path_factory) -> tuple[Any, Path, dict[str, Any]]:
     """8 steps on the reference download, checkpoints at 3 and 6, max_failures 1; the worker
     process is SIGKILLed after step 5, mid-epoch 0 (an epoch is about 30 steps)."""
-    import capfilt.train as T
+    import capfilt.train.loop as T
 
     root = tmp_path_factory.mktemp("fault-train")
     marker = root / "killed.json"
@@ -687,7 +687,7 @@ def test_training_killed_and_restarted_ends_where_an_uninterrupted_run_ends(
     restore, RNG states, data position mid-epoch) must reach the very same weights."""
     from safetensors.torch import load_file
 
-    import capfilt.train as T
+    import capfilt.train.loop as T
 
     _, killed_out, _ = killed_training
     out = tmp_path / "train"
@@ -762,7 +762,7 @@ def test_download_survives_a_worker_kill_on_every_other_shard(
     def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
         import os as os_
 
-        import capfilt.download as dl
+        import capfilt.stages.download as dl
 
         if shard in victims and attempt == 1:
             marker = fault_dir / f"killed-{shard}"

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from capfilt.logs import FORMAT, ContextFilter, current, install, log_context
+from capfilt.core.logs import FORMAT, ContextFilter, current, install, log_context
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capfilt.errors import ConfigError
+from capfilt.core.errors import ConfigError
 from capfilt.model import create_med, get_config, list_configs
 from capfilt.model.config import MedConfig, config_dirs
 

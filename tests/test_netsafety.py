@@ -13,9 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt import schema as S
-from capfilt.download import DownloadConfig, download_shard, read_samples, run_download, screen_rows
-from capfilt.netsafety import (
+from capfilt.core import schema as S
+from capfilt.io.netsafety import (
     UnsafeAddressError,
     address_problem,
     blocked_kind,
@@ -24,7 +23,8 @@ from capfilt.netsafety import (
     safe_opener,
     safe_urlopen,
 )
-from capfilt.urllist import read_url_list
+from capfilt.io.urllist import read_url_list
+from capfilt.stages.download import DownloadConfig, download_shard, read_samples, run_download, screen_rows
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from capfilt.errors import ConfigError
+from capfilt.core.errors import ConfigError
 from capfilt.model import create_med, get_config
 from capfilt.model.config import MedConfig
-from capfilt.objectives import (
+from capfilt.model.objectives import (
     MedObjectives,
     ObjectiveConfig,
     all_gather_with_grad,

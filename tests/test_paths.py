@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from capfilt.errors import ConfigError
-from capfilt.shards import inside, safe_component, shard_name, shard_path, stats_path
+from capfilt.core.errors import ConfigError
+from capfilt.core.shards import inside, safe_component, shard_name, shard_path, stats_path
 
 ESCAPES = ["../../etc/x", "/etc/x", "..", ".", "", "a/b", "a\\b", "C:x", "x\x00y", "../00001"]
 
@@ -43,7 +43,7 @@ def test_shard_files_are_directly_in_the_output_folder(tmp_path: Path) -> None:
 
 
 def test_download_shard_refuses_a_shard_id_from_data_before_writing(tmp_path: Path) -> None:
-    from capfilt.download import DownloadConfig, download_shard
+    from capfilt.stages.download import DownloadConfig, download_shard
 
     out = tmp_path / "deep" / "out"
     out.mkdir(parents=True)
@@ -55,7 +55,7 @@ def test_download_shard_refuses_a_shard_id_from_data_before_writing(tmp_path: Pa
 
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/escaped", "a/../../escaped"])
 def test_rethreshold_refuses_a_manifest_whose_shard_names_leave_the_run(tmp_path: Path, name: str) -> None:
-    from capfilt.capfilt_stage import STAGE, CapFiltConfig, rethreshold
+    from capfilt.stages.capfilt.driver import STAGE, CapFiltConfig, rethreshold
 
     run = tmp_path / "run"
     run.mkdir()

@@ -9,10 +9,10 @@ import yaml
 from typer.testing import CliRunner
 
 from capfilt.cli import app
-from capfilt.download import read_samples
-from capfilt.errors import ConfigError
-from capfilt.pipeline import Run
-from capfilt.recipe import load_recipe
+from capfilt.core.errors import ConfigError
+from capfilt.pipeline.recipe import load_recipe
+from capfilt.pipeline.runner import Run
+from capfilt.stages.download import read_samples
 
 MINI = {
     "name": "mini",

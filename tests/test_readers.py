@@ -13,8 +13,9 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from capfilt import schema as S
-from capfilt.capfilt_stage import (
+from capfilt.core import schema as S
+from capfilt.core.shards import write_parquet_atomic
+from capfilt.stages.capfilt.driver import (
     CLEANED_DIR,
     CapFiltConfig,
     _Plan,
@@ -24,7 +25,6 @@ from capfilt.capfilt_stage import (
     read_cleaned,
     unscored_batch,
 )
-from capfilt.shards import write_parquet_atomic
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only; set before `datasets` loads
 

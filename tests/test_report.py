@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from capfilt import schema as S
-from capfilt.report import example_uids, flatten, round_rows, summary_table, write_report
+from capfilt.core import schema as S
+from capfilt.eval.report import example_uids, flatten, round_rows, summary_table, write_report
 
 SCRIPT = "<script>alert('pwned')</script>"
 
@@ -167,7 +167,7 @@ def test_flatten_dotted_keys():
 def test_example_grids_prefer_images_with_a_web_text():
     import pyarrow as pa
 
-    from capfilt.report import example_uids
+    from capfilt.eval.report import example_uids
 
     rows = [
         ("h1", "human", "keep"),

@@ -10,10 +10,10 @@ import yaml
 from typer.testing import CliRunner
 
 from capfilt.cli import app
-from capfilt.logs import ContextFilter
+from capfilt.core.logs import ContextFilter
 from capfilt.model import get_config
-from capfilt.recipe import Recipe, load_recipe, merge, train_config
-from capfilt.resources import describe, fit_resources, ray_stages
+from capfilt.pipeline.recipe import Recipe, load_recipe, merge, train_config
+from capfilt.pipeline.resources import describe, fit_resources, ray_stages
 
 CC3M = "pipelines/cc3m.yaml"
 LAPTOP = {"CPU": 4.0, "memory": 8e9}
@@ -136,16 +136,16 @@ def test_the_runner_scales_the_recipe_to_local_ray_and_logs_stage_names(ray_loca
     run_info = json.loads((tmp_path / "run" / "_run.json").read_text())
     assert run_info["stages"] == ["world", "download"] and "cpus_per_task 64 -> 4" in run_info["resources"][0]
     # Every pipeline log line names its stage.
-    starting = [r for r in records if r.name == "capfilt.pipeline" and "starting in" in r.getMessage()]
+    starting = [r for r in records if r.name == "capfilt.pipeline.runner" and "starting in" in r.getMessage()]
     assert [(r.stage, r.where) for r in starting] == [("world", " [world]"), ("download", " [download]")]
-    downloads = [r for r in records if r.name == "capfilt.download"]
+    downloads = [r for r in records if r.name == "capfilt.stages.download"]
     assert downloads and all(r.stage == "download" for r in downloads)
 
 
 def test_training_workers_share_the_local_machines_cores_but_not_a_clusters(monkeypatch):
     # Ray gives a worker OMP_NUM_THREADS = its CPU reservation (1 by default); on the embedded local
     # instance the training workers share the machine's cores instead, so none sit idle.
-    from capfilt import cluster
+    from capfilt.core import cluster
 
     monkeypatch.setattr(cluster.os, "cpu_count", lambda: 8)
     monkeypatch.setattr(cluster, "_started_local", True)

@@ -17,13 +17,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import capfilt.capfilt_stage as capfilt_stage
-from capfilt import schema as S
-from capfilt.capfilt_stage import read_candidates, read_cleaned
+import capfilt.stages.capfilt.driver as capfilt_stage
 from capfilt.cli import app
-from capfilt.download import read_samples
-from capfilt.pipeline import STAGES_DIR
-from capfilt.recipe import STAGES
+from capfilt.core import schema as S
+from capfilt.pipeline.recipe import STAGES
+from capfilt.pipeline.runner import STAGES_DIR
+from capfilt.stages.capfilt.driver import read_candidates, read_cleaned
+from capfilt.stages.download import read_samples
 
 TRAIN = {
     "model": "med-tiny",

@@ -12,13 +12,16 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from capfilt import capfilt_stage, pipeline, recipe, status, train
 from capfilt.cli import app
-from capfilt.errors import ConfigError
-from capfilt.pipeline import run_recipe
-from capfilt.recipe import load_recipe
-from capfilt.shards import INPUTS_DIR, STATS_DIR, SUMMARY, write_json_atomic
-from capfilt.status import DONE, NOT_STARTED, UNFINISHED, run_status
+from capfilt.core.errors import ConfigError
+from capfilt.core.shards import INPUTS_DIR, STATS_DIR, SUMMARY, write_json_atomic
+from capfilt.pipeline import recipe, status
+from capfilt.pipeline import runner as pipeline
+from capfilt.pipeline.recipe import load_recipe
+from capfilt.pipeline.runner import run_recipe
+from capfilt.pipeline.status import DONE, NOT_STARTED, UNFINISHED, run_status
+from capfilt.stages.capfilt import driver as capfilt_stage
+from capfilt.train import loop as train
 
 WORLD = {"seed": 9, "n_web": 60, "n_human": 10, "n_test": 10, "bad_rate": 0.1}
 DOWNLOAD = {"image_size": 32, "shard_size": 40, "thread_count": 8, "timeout": 5, "source": "shapes"}

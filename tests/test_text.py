@@ -1,4 +1,4 @@
-"""Tests for caption cleaning, tokenizers and image transforms (capfilt.text, .tokenizer, .transforms)."""
+"""Tests for caption cleaning, tokenizers and image transforms (capfilt.core.text, .tokenizer, .transforms)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, models
 from torchvision import transforms as T
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
 
-from capfilt.text import pre_caption
-from capfilt.tokenizer import (
+from capfilt.core.text import pre_caption
+from capfilt.model.tokenizer import (
     DEC_TOKEN,
     ENC_TOKEN,
     TokenIds,
@@ -24,7 +24,7 @@ from capfilt.tokenizer import (
     tokenize,
     train_wordpiece,
 )
-from capfilt.transforms import (
+from capfilt.model.transforms import (
     BLIP_RANDAUGMENT_OPS,
     CLIP_MEAN,
     CLIP_STD,

@@ -22,11 +22,12 @@ from test_data import write_sample_shards
 from typer.testing import CliRunner
 
 from capfilt.cli import app
-from capfilt.data import Collator, DataSource
 from capfilt.model import MedConfig
 from capfilt.model.interop import load_med
-from capfilt.tokenizer import load_tokenizer
-from capfilt.train import (
+from capfilt.model.tokenizer import load_tokenizer
+from capfilt.model.transforms import decode_image, test_transform
+from capfilt.train.data import Collator, DataSource
+from capfilt.train.loop import (
     MODEL_FILE,
     TRAIN_STATE_FILE,
     TrainConfig,
@@ -36,7 +37,6 @@ from capfilt.train import (
     restore_checkpoint,
     run_training,
 )
-from capfilt.transforms import decode_image, test_transform
 from capfilt.world import WorldConfig, check_caption, load_world, make_world
 
 STEPS = 200  # the planned length of the resume runs (their schedule), which stop far earlier

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from capfilt.cli import app
-from capfilt.errors import ConfigError
-from capfilt.schema import WEB_PAIR
-from capfilt.urllist import read_url_list
+from capfilt.core.errors import ConfigError
+from capfilt.core.schema import WEB_PAIR
+from capfilt.io.urllist import read_url_list
 
 ROWS = [
     {"URL": "http://h/1.jpg", "TEXT": "a red circle"},

@@ -9,11 +9,11 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from capfilt.errors import ConfigError
+from capfilt.core.errors import ConfigError
 from capfilt.model.config import get_config
-from capfilt.recipe import load_recipe
-from capfilt.train import TrainConfig, build_med
-from capfilt.vitinit import VIT_FILE, VitInitConfig, train_vit_classifier
+from capfilt.pipeline.recipe import load_recipe
+from capfilt.stages.vit import VIT_FILE, VitInitConfig, train_vit_classifier
+from capfilt.train.loop import TrainConfig, build_med
 
 
 def test_classifier_trains_and_starts_the_pretraining_vit(

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from capfilt.errors import ConfigError
+from capfilt.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from capfilt.tokenizer import TokenIds
+    from capfilt.model.tokenizer import TokenIds
 
 __all__ = [
     "MedConfig",

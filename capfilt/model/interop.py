@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from capfilt.errors import ConfigError
+from capfilt.core.errors import ConfigError
 from capfilt.model.config import MedConfig, TextConfig, VisionConfig, get_config
 from capfilt.model.med import ALL_HEADS, Med, blip_config, resize_pos_embed
 

@@ -359,8 +359,8 @@ def run_matrix(
     so the local server is reachable and the metadata address still is not), and compare."""
     import time
 
-    from capfilt.download import DownloadConfig, read_samples, run_download
-    from capfilt.urllist import read_url_list
+    from capfilt.io.urllist import read_url_list
+    from capfilt.stages.download import DownloadConfig, read_samples, run_download
     from capfilt.world.server import WorldServer
 
     if timeout >= SLOW_S:

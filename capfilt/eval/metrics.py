@@ -32,9 +32,9 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
-from capfilt.errors import ConfigError
-from capfilt.schema import SUCCESS
-from capfilt.text import pre_caption
+from capfilt.core.errors import ConfigError
+from capfilt.core.schema import SUCCESS
+from capfilt.core.text import pre_caption
 from capfilt.world import check_caption
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ class _LazyImages(Sequence["Image.Image"]):
     def __getitem__(self, i: int | slice) -> Image.Image | _LazyImages:
         if isinstance(i, slice):
             return _LazyImages(self.paths[i])
-        from capfilt.transforms import decode_image
+        from capfilt.model.transforms import decode_image
 
         return decode_image(self.paths[i].read_bytes())
 
@@ -220,7 +220,7 @@ def encode_images(
     """Images -> (image_embeds [N, 1+P, Dv] on the model's device, L2-normalised ITC features [N, E])."""
     import torch
 
-    from capfilt.transforms import test_transform
+    from capfilt.model.transforms import test_transform
 
     transform = test_transform(med.config.vision.image_size)
     dev = _device(device)
@@ -250,7 +250,7 @@ def encode_texts(
     """
     import torch
 
-    from capfilt.tokenizer import tokenize
+    from capfilt.model.tokenizer import tokenize
 
     dev = _device(device)
     tokens = tokenize(tokenizer, list(texts), max_length)
@@ -440,7 +440,7 @@ def generate_captions(
     """One caption per image, prompt removed, as the tokenizer decodes it (not yet cleaned)."""
     import torch
 
-    from capfilt.transforms import test_transform
+    from capfilt.model.transforms import test_transform
 
     cfg = config or EvalConfig()
     med.require("lm")
@@ -767,7 +767,7 @@ def _jsonable(obj: Any) -> Any:
 
 def write_results(path: str | Path, results: Mapping[str, Any]) -> Path:
     """Write results as strict JSON (no NaN), atomically; returns the path."""
-    from capfilt.shards import write_json_atomic
+    from capfilt.core.shards import write_json_atomic
 
     out = Path(path)
     clean = _jsonable(results)

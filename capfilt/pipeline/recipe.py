@@ -9,11 +9,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from capfilt.capfilt_stage import CapFiltConfig
-from capfilt.download import DownloadConfig
-from capfilt.errors import ConfigError
-from capfilt.evaluate import EvalConfig
-from capfilt.vitinit import VitInitConfig
+from capfilt.core.errors import ConfigError
+from capfilt.eval.metrics import EvalConfig
+from capfilt.stages.capfilt.driver import CapFiltConfig
+from capfilt.stages.download import DownloadConfig
+from capfilt.stages.vit import VitInitConfig
 from capfilt.world import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_config(section: dict[str, Any], *, data: list[Any], out_dir: str, **fixed: Any) -> Any:
-    from capfilt.train import TrainConfig
+    from capfilt.train.loop import TrainConfig
 
     return TrainConfig.model_validate({**section, "data": data, "out_dir": out_dir, **fixed})
 

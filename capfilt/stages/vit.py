@@ -98,7 +98,7 @@ def train_vit_classifier(cfg: VitInitConfig, med_config: MedConfig, out_dir: str
     import torch.nn.functional as F
     from safetensors.torch import save_file
 
-    from capfilt.transforms import test_transform, train_transform
+    from capfilt.model.transforms import test_transform, train_transform
     from capfilt.world.render import render
     from capfilt.world.scene import SHAPES
 

@@ -11,8 +11,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from capfilt.errors import ConfigError
-from capfilt.schema import WEB_PAIR, make_uids
+from capfilt.core.errors import ConfigError
+from capfilt.core.schema import WEB_PAIR, make_uids
 
 log = logging.getLogger(__name__)
 

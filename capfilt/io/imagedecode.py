@@ -1,5 +1,5 @@
 """Decoding image bytes to RGB with Pillow alone (no torch), for the download workers and the
-model's transforms (capfilt.transforms re-exports `decode_image`)."""
+model's transforms (capfilt.model.transforms re-exports `decode_image`)."""
 
 from __future__ import annotations
 

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from capfilt import schema as S
-from capfilt.errors import ConfigError
-from capfilt.text import pre_caption
+from capfilt.core import schema as S
+from capfilt.core.errors import ConfigError
+from capfilt.core.text import pre_caption
 
 if TYPE_CHECKING:
     import ray.data
@@ -391,7 +391,7 @@ class Collator:
         max_length: int = 30,
         prompt: str | None = None,
     ) -> None:
-        from capfilt.transforms import decode_image, test_transform, train_transform
+        from capfilt.model.transforms import decode_image, test_transform, train_transform
 
         self.tokenizer = tokenizer
         self.decode = decode_image
@@ -418,7 +418,7 @@ class Collator:
 
     def tokens(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Cleaned texts -> input_ids, attention_mask, lm_labels (prompt prepended and masked)."""
-        from capfilt.tokenizer import tokenize
+        from capfilt.model.tokenizer import tokenize
 
         enc = tokenize(self.tokenizer, [self.prompt + t for t in texts], self.max_length)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)  # [B, L]

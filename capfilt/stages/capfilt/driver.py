@@ -58,10 +58,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from capfilt import schema as S
-from capfilt.errors import ConfigError, StageFailed
-from capfilt.logs import log_context
-from capfilt.shards import (
+from capfilt.core import schema as S
+from capfilt.core.errors import ConfigError, StageFailed
+from capfilt.core.logs import log_context
+from capfilt.core.shards import (
     MANIFEST,
     STATS_DIR,
     SUMMARY,
@@ -70,7 +70,7 @@ from capfilt.shards import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from capfilt.text import pre_caption
+from capfilt.core.text import pre_caption
 
 if TYPE_CHECKING:
     import torch
@@ -263,7 +263,7 @@ def resolve_model(
 ) -> ModelRef:
     """Check a checkpoint and its tokenizer before any work starts: the role's heads are there and
     the tokenizer's special ids are the model's."""
-    from capfilt.tokenizer import TokenIds, load_tokenizer
+    from capfilt.model.tokenizer import TokenIds, load_tokenizer
 
     path = Path(path)
     if not path.exists():
@@ -315,11 +315,11 @@ def preprocess_batch(batch: dict[str, Any], image_sizes: Sequence[int]) -> dict[
     uint8 column ``pixels_<S>`` [N, S, S, 3] per size; the pixels of a failed row are zeros. Rows
     with a ``status`` other than success are not images and are left out. Pixels stay uint8 so the
     object store carries a quarter of the float bytes; ``pixel_values`` normalises them exactly as
-    ``capfilt.transforms.test_transform``.
+    ``capfilt.model.transforms.test_transform``.
     """
     from PIL import Image
 
-    from capfilt.transforms import decode_image
+    from capfilt.model.transforms import decode_image
 
     n = len(batch["uid"])
     keep = [i for i in range(n) if "status" not in batch or batch["status"][i] == S.SUCCESS]
@@ -349,7 +349,7 @@ def pixel_values(pixels: np.ndarray, device: Any = "cpu", dtype: Any = None) -> 
     """uint8 [N, S, S, 3] -> normalised float [N, 3, S, S] (ToTensor + CLIP Normalize)."""
     import torch
 
-    from capfilt.transforms import CLIP_MEAN, CLIP_STD
+    from capfilt.model.transforms import CLIP_MEAN, CLIP_STD
 
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)  # [N, S, S, 3] uint8
     x = x.permute(0, 3, 1, 2).float().div_(255.0)  # [N, 3, S, S] in [0, 1]
@@ -619,7 +619,7 @@ def score_batch(
     batch go through the image-grounded encoder in one call."""
     import torch
 
-    from capfilt.tokenizer import tokenize
+    from capfilt.model.tokenizer import tokenize
 
     cols, to_score = _assemble(batch, cfg)
     if to_score:
@@ -665,7 +665,7 @@ class CaptionerActor:
     """Loads the captioner from a path (never an object-store reference) and captions chunks."""
 
     def __init__(self, ref: ModelRef, cfg: CapFiltConfig) -> None:
-        from capfilt.tokenizer import load_tokenizer
+        from capfilt.model.tokenizer import load_tokenizer
 
         t0 = time.time()
         _set_threads(cfg)
@@ -682,7 +682,7 @@ class FilterActor:
     """Loads the filter from a path and turns chunks of images into scored candidate rows."""
 
     def __init__(self, ref: ModelRef, cfg: CapFiltConfig) -> None:
-        from capfilt.tokenizer import load_tokenizer
+        from capfilt.model.tokenizer import load_tokenizer
 
         t0 = time.time()
         _set_threads(cfg)
@@ -1363,7 +1363,7 @@ def run_capfilt(
     JSON with ``human_images``, or a SAMPLE shards folder) adds human pairs, passed through.
     ``max_shards`` stops after that many input shards (a trial run; rerun to finish).
     """
-    from capfilt.cluster import ensure_ray
+    from capfilt.core.cluster import ensure_ray
 
     cfg = cfg or CapFiltConfig()
     t0 = time.time()

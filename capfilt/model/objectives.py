@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from capfilt.errors import ConfigError
+from capfilt.core.errors import ConfigError
 from capfilt.model.med import Med
 
 __all__ = [

@@ -8,7 +8,7 @@ from timm.data.auto_augment import NAME_TO_OP, RandAugment, rand_augment_ops
 from torchvision import transforms as T
 
 # Decoding lives in a module without torch, for the download workers; it is re-exported here.
-from capfilt.imagedecode import decode_image
+from capfilt.io.imagedecode import decode_image
 
 __all__ = [
     "BLIP_RANDAUGMENT_OPS",

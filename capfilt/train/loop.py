@@ -32,7 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from capfilt.data import (
+from capfilt.core.errors import ConfigError, StageFailed
+from capfilt.model import MedConfig, get_config
+from capfilt.model.med import Med
+from capfilt.model.objectives import MedObjectives, ObjectiveConfig
+from capfilt.model.tokenizer import TokenIds, load_tokenizer, train_wordpiece
+from capfilt.train.data import (
     Collator,
     DataSource,
     SkipCounts,
@@ -43,11 +48,6 @@ from capfilt.data import (
     pairs_dataset,
     resolve_sources,
 )
-from capfilt.errors import ConfigError, StageFailed
-from capfilt.model import MedConfig, get_config
-from capfilt.model.med import Med
-from capfilt.objectives import MedObjectives, ObjectiveConfig
-from capfilt.tokenizer import TokenIds, load_tokenizer, train_wordpiece
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -831,7 +831,7 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from capfilt.cluster import ensure_ray, local_threads_per_worker
+    from capfilt.core.cluster import ensure_ray, local_threads_per_worker
     from capfilt.model.interop import save_med
 
     out = Path(cfg.out_dir).resolve()

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capfilt.logs import log_context
-from capfilt.recipe import CAPTIONER_DEFAULTS, FILTER_DEFAULTS, Recipe, merge, train_config
-from capfilt.shards import read_json, write_json_atomic
+from capfilt.core.logs import log_context
+from capfilt.core.shards import read_json, write_json_atomic
+from capfilt.pipeline.recipe import CAPTIONER_DEFAULTS, FILTER_DEFAULTS, Recipe, merge, train_config
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _served_world(world_dir: Path) -> Iterator[Path]:
 
 
 def _download_stage(run: Run) -> dict[str, Any]:
-    from capfilt.download import run_download
+    from capfilt.stages.download import run_download
 
     rec = run.recipe
     cfg = rec.download
@@ -211,7 +211,7 @@ def _human(run: Run) -> tuple[Path, Path]:
 def _train(
     run: Run, name: str, section: dict[str, Any], data: list[Any], upstream: list[str], **fixed: Any
 ) -> dict[str, Any]:
-    from capfilt.train import CONFIG_FILE, run_training
+    from capfilt.train.loop import CONFIG_FILE, run_training
 
     def go(d: Path, resuming: bool) -> dict[str, Any]:
         cfg = train_config(section, data=data, out_dir=str(d), run_name=name, **fixed)
@@ -229,9 +229,9 @@ def _pretrain_data(run: Run) -> list[dict[str, Any]]:
 
 def _vit_stage(run: Run) -> dict[str, Any]:
     """The stand-in for BLIP's ImageNet ViT: a classifier of the shapes world's objects, with the
-    pretraining's architecture (capfilt.vitinit)."""
+    pretraining's architecture (capfilt.stages.vit)."""
     from capfilt.model.config import get_config
-    from capfilt.vitinit import train_vit_classifier
+    from capfilt.stages.vit import train_vit_classifier
 
     rec = run.recipe
     model = str(rec.pretrain.get("model", "med-tiny"))
@@ -282,7 +282,7 @@ def _finetune_stage(run: Run) -> dict[str, Any]:
             if given:
                 out[role] = {"model_dir": given, "tokenizer_dir": rec.init.tokenizer or base["tokenizer_dir"]}
                 continue
-            from capfilt.train import CONFIG_FILE, run_training
+            from capfilt.train.loop import CONFIG_FILE, run_training
 
             cfg = train_config(
                 merge(defaults, section), data=data, out_dir=str(d / role), run_name=role, **fixed
@@ -301,7 +301,7 @@ def _finetune_stage(run: Run) -> dict[str, Any]:
 
 
 def _capfilt_stage(run: Run) -> dict[str, Any]:
-    from capfilt.capfilt_stage import run_capfilt
+    from capfilt.stages.capfilt.driver import run_capfilt
 
     rec = run.recipe
     tuned = run.manifest("finetune")["result"]
@@ -356,18 +356,18 @@ def _evaluate_stage(run: Run) -> dict[str, Any]:
 
 def evaluate_run(run: Run, d: Path) -> dict[str, Any]:
     """Both rounds zero-shot on the test split, CapFilt's quality against the world, the report."""
-    from capfilt.capfilt_stage import read_candidates
-    from capfilt.download import read_samples
-    from capfilt.evaluate import (
+    from capfilt.eval.metrics import (
         evaluate_capfilt,
         evaluate_model,
         load_split,
         load_world_test_split,
         write_results,
     )
+    from capfilt.eval.report import write_report
     from capfilt.model.interop import load_checkpoint
-    from capfilt.report import write_report
-    from capfilt.tokenizer import load_tokenizer
+    from capfilt.model.tokenizer import load_tokenizer
+    from capfilt.stages.capfilt.driver import read_candidates
+    from capfilt.stages.download import read_samples
     from capfilt.world import load_world
 
     rec = run.recipe
@@ -423,7 +423,7 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
 def _labelled(candidates: Any, samples: Any, world: Any) -> Any:
     if candidates is None or samples is None or world is None:
         return candidates
-    from capfilt.evaluate import label_candidates
+    from capfilt.eval.metrics import label_candidates
 
     return label_candidates(candidates, samples, world)
 
@@ -442,18 +442,18 @@ RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
 
 def fit_to_cluster(recipe: Recipe) -> tuple[Recipe, list[str]]:
     """Start or join Ray when a stage needs it and scale the recipe's resource requests to the
-    cluster (``capfilt.resources.fit_resources``). On a local instance the scaled recipe runs; on a
+    cluster (``capfilt.pipeline.resources.fit_resources``). On a local instance the scaled recipe runs; on a
     cluster we join, whose autoscaler may still add GPU nodes, the recipe runs as written and the
     same message is a warning."""
     import os
 
-    from capfilt.resources import describe, fit_resources, ray_stages
+    from capfilt.pipeline.resources import describe, fit_resources, ray_stages
 
     if not ray_stages(recipe):
         return recipe, []
     import ray
 
-    from capfilt.cluster import ensure_ray
+    from capfilt.core.cluster import ensure_ray
 
     ensure_ray(recipe.ray_address)
     available = {k: float(v) for k, v in ray.cluster_resources().items()}
@@ -515,7 +515,7 @@ def _train_lines(r: dict[str, Any]) -> list[str]:
 
 def summary_blocks(result: RunResult) -> list[tuple[str, list[str]]]:
     """(title, lines) per stage that ran or was skipped, in run order."""
-    from capfilt.report import round_rows, summary_table
+    from capfilt.eval.report import round_rows, summary_table
 
     blocks: list[tuple[str, list[str]]] = [("resources", result.notes)] if result.notes else []
     for name, m in result.stages.items():

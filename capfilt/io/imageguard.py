@@ -8,7 +8,7 @@ encodes them as 8-bit JPEG, and writes grayscale images as grayscale JPEGs.
 `GuardedResizer` wraps img2dataset's resizer. It reads the image's header with Pillow (no
 decoding), refuses an empty body, a declared area over `max_image_area` and a JPEG cut short, and
 converts anything but a plain 8-bit RGB JPEG/PNG/WebP (alpha, 16-bit, palette, grayscale, CMYK,
-animated GIF) to 8-bit RGB with `capfilt.imagedecode.decode_image` (transparency onto white, the
+animated GIF) to 8-bit RGB with `capfilt.io.imagedecode.decode_image` (transparency onto white, the
 first frame) before the resizer sees it. Data Pillow cannot identify (HTML, random bytes, a JPEG
 cut inside its headers, formats only OpenCV reads) fails as "not a recognised image format".
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from capfilt.imagedecode import decode_image
+from capfilt.io.imagedecode import decode_image
 
 # What the resizer returns: encoded image, width, height, original width, original height, error.
 ResizeResult = tuple[bytes | None, int | None, int | None, int | None, int | None, str | None]

@@ -64,12 +64,12 @@ class TokenIds:
         if missing:
             raise ValueError(
                 f"tokenizer has no {', '.join(missing)} token id; MED needs pad, cls and sep "
-                "(a BERT-style tokenizer) and [DEC]/[ENC]: load it with capfilt.tokenizer.load_tokenizer"
+                "(a BERT-style tokenizer) and [DEC]/[ENC]: load it with capfilt.model.tokenizer.load_tokenizer"
             )
         if tokenizer.bos_token != DEC_TOKEN:
             raise ValueError(
                 f"tokenizer's bos_token is {tokenizer.bos_token!r}, BLIP uses {DEC_TOKEN!r}; "
-                "call capfilt.tokenizer.add_blip_special_tokens(tokenizer) first"
+                "call capfilt.model.tokenizer.add_blip_special_tokens(tokenizer) first"
             )
         return cls(vocab_size=len(tokenizer), **ids)
 
@@ -117,7 +117,7 @@ def load_tokenizer(path_or_dir: str | Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise FileNotFoundError(
             f"tokenizer directory {path} does not exist; pass a local directory written by "
-            "save_pretrained (e.g. a saved bert-base-uncased) or by capfilt.tokenizer.train_wordpiece"
+            "save_pretrained (e.g. a saved bert-base-uncased) or by capfilt.model.tokenizer.train_wordpiece"
         )
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     add_blip_special_tokens(tokenizer)
@@ -137,7 +137,7 @@ def train_wordpiece(
     Ids: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, then the learnt vocabulary, then [DEC] and
     [ENC] as the last two ids. ``vocab_size`` is an upper bound: a small corpus stops earlier, so
     size embeddings with ``TokenIds.from_tokenizer(tok).vocab_size``. Pass captions already cleaned
-    with :func:`capfilt.text.pre_caption` so the vocabulary matches what the model will see.
+    with :func:`capfilt.core.text.pre_caption` so the vocabulary matches what the model will see.
     The result is a ``BertTokenizerFast`` (``[CLS] text [SEP]``, padding, truncation, attention
     masks) that ``save_pretrained`` writes to ``out_dir`` when given, loadable by
     :func:`load_tokenizer` or by plain ``AutoTokenizer.from_pretrained``.

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from capfilt.recipe import Recipe
+from capfilt.pipeline.recipe import Recipe
 
 # CPUs a training run leaves to Ray Data's read tasks on a small cluster.
 _TRAIN_READ_CPUS = 1.0

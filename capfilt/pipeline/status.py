@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capfilt.errors import ConfigError
-from capfilt.shards import INPUTS_DIR, MANIFEST, STATS_DIR, SUMMARY, done_shards, read_json, shard_name
+from capfilt.core.errors import ConfigError
+from capfilt.core.shards import INPUTS_DIR, MANIFEST, STATS_DIR, SUMMARY, done_shards, read_json, shard_name
 
 DONE, UNFINISHED, NOT_STARTED = "done", "unfinished", "not started"
 
-# Names the stages write (capfilt.pipeline, capfilt.train, capfilt.capfilt_stage), repeated here so
+# Names the stages write (capfilt.pipeline.runner, capfilt.train.loop, capfilt.stages.capfilt.driver), repeated here so
 # that `capfilt status` imports neither torch nor Ray; tests check they agree.
 STAGE_ORDER = ("world", "download", "vit", "pretrain", "finetune", "capfilt", "pretrain2", "evaluate")
 STAGES_DIR = "_stages"

@@ -27,11 +27,9 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from capfilt import schema as S
-from capfilt.errors import ConfigError, StageFailed
-from capfilt.imageguard import GuardedResizer
-from capfilt.netsafety import blocked_kind, blocked_reason, safe_urlopen
-from capfilt.shards import (
+from capfilt.core import schema as S
+from capfilt.core.errors import ConfigError, StageFailed
+from capfilt.core.shards import (
     INPUTS_DIR,
     MANIFEST,
     SUMMARY,
@@ -45,7 +43,9 @@ from capfilt.shards import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from capfilt.urllist import read_url_list
+from capfilt.io.imageguard import GuardedResizer
+from capfilt.io.netsafety import blocked_kind, blocked_reason, safe_urlopen
+from capfilt.io.urllist import read_url_list
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _run_img2dataset(todo: pa.Table, work_dir: Path, cfg: DownloadConfig) -> _Co
         max_image_area=cfg.max_image_area,
         max_aspect_ratio=cfg.max_aspect_ratio,
     )
-    # Bombs are refused from the header, odd pixel formats made 8-bit RGB: see capfilt.imageguard.
+    # Bombs are refused from the header, odd pixel formats made 8-bit RGB: see capfilt.io.imageguard.
     guarded = GuardedResizer(resizer, cfg.max_image_area)
     downloader = Downloader(
         sample_writer_class=_collector_class(sink),
@@ -200,7 +200,7 @@ def download_shard(
     skips rows whose processing raised) is written as failed_internal, never lost.
 
     Every fetch, redirects included, goes through an opener that refuses addresses
-    `cfg.url_policy` forbids before connecting (capfilt.netsafety); such a row fails to download
+    `cfg.url_policy` forbids before connecting (capfilt.io.netsafety); such a row fails to download
     with a reason that starts with "blocked: "."""
     name = shard_name(shard)  # first: a shard id that is not a number never names a file
     cfg = DownloadConfig.model_validate_json(cfg_json)
@@ -401,7 +401,7 @@ def run_download(
     import ray
     from tqdm import tqdm
 
-    from capfilt.cluster import cluster_cpus, ensure_ray
+    from capfilt.core.cluster import cluster_cpus, ensure_ray
 
     cfg = cfg or DownloadConfig()
     t0 = time.time()

@@ -1,0 +1,1 @@
+"""Infrastructure every stage shares: schema, shard files, layout names, errors, logs, Ray."""

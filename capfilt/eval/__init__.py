@@ -1,0 +1,1 @@
+"""Evaluation: retrieval and captioning metrics, CapFilt quality, the report."""

@@ -1,0 +1,1 @@
+"""Running a recipe: the recipe model, the runner, resource fitting and `capfilt status`."""

@@ -1,0 +1,1 @@
+"""The stages of a run, one module (or package) each, found through the registry."""

@@ -1,0 +1,1 @@
+"""The CapFilt stage: caption every web image, score every text, write cleaned shards."""

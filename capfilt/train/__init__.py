@@ -1,0 +1,1 @@
+"""The one training loop: its config, data, loop and Ray Train driver."""
