@@ -11,13 +11,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Files and folders whose names start with "_" are skipped by pyarrow, Ray Data and pandas when
-# they read a folder of Parquet shards, so bookkeeping lives there and the shards stay readable.
-STATS_DIR = "_stats"
-INPUTS_DIR = "_inputs"
-TMP_DIR = "_tmp"
-MANIFEST = "_manifest.json"
-SUMMARY = "_summary.json"
+from capfilt.core.layout import INPUTS_DIR, MANIFEST, STATS_DIR, SUMMARY, TMP_DIR
+
+__all__ = ["INPUTS_DIR", "MANIFEST", "STATS_DIR", "SUMMARY", "TMP_DIR"]
 
 
 def shard_name(shard: int) -> str:

@@ -33,6 +33,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from capfilt.core.errors import ConfigError, StageFailed
+from capfilt.core.layout import TRAIN_CONFIG, TRAIN_SUMMARY
 from capfilt.model import MedConfig, get_config
 from capfilt.model.med import Med
 from capfilt.model.objectives import MedObjectives, ObjectiveConfig
@@ -75,8 +76,8 @@ MED_FILE = "med.json"  # Med config and heads, to rebuild the model without the 
 OBJECTIVES_FILE = "objectives.json"
 WORKER_FILE = "worker_{rank:03d}.pt"  # this rank's RNG states, data position, skip counts
 
-CONFIG_FILE = "train_config.json"
-SUMMARY_FILE = "train_summary.json"
+CONFIG_FILE = TRAIN_CONFIG
+SUMMARY_FILE = TRAIN_SUMMARY
 TOKENIZER_DIR = "tokenizer"
 MODEL_DIR = "model"
 

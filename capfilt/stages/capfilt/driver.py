@@ -82,8 +82,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGE = "capfilt"
-CLEANED_DIR = "cleaned"
-CANDIDATES_DIR = "candidates"
+from capfilt.core.layout import CANDIDATES_DIR, CLEANED_DIR  # noqa: E402
+
 HUMAN_PREFIX = "human-"
 
 KEEP, DROP = "keep", "drop"
