@@ -67,7 +67,8 @@ def test_the_world_download_may_reach_loopback_and_a_url_list_download_may_not(t
     """The world stage serves its images on 127.0.0.1: by the download stage's documented rule
     (WORLD_URL_POLICY) its download runs with allow_loopback unless the recipe names a policy; the
     recipe itself stays as written. A download of a user's URL list keeps the default, public."""
-    from capfilt.stages.download import STAGE as DOWNLOAD, WORLD_URL_POLICY
+    from capfilt.stages.download import STAGE as DOWNLOAD
+    from capfilt.stages.download import WORLD_URL_POLICY
 
     unset = {k: v for k, v in MINI["download"].items() if k != "url_policy"}
     rec = load_recipe(_write(tmp_path, {**MINI, "out": str(tmp_path / "run"), "download": unset}))
