@@ -57,8 +57,8 @@ def test_the_recipe_asks_for_real_data_published_checkpoints_and_gpus():
     assert rec.human.karpathy_test is not None
     assert rec.init.pretrained and rec.init.pretrained.endswith(".pth") and rec.init.arch == "med-base"
     assert rec.init.captioner and rec.init.filter and rec.init.tokenizer
-    assert rec.pretrain["model"] == "med-base" and rec.pretrain["use_gpu"] is True
-    assert rec.pretrain["num_workers"] >= 1
+    assert rec.pretrain.model == "med-base" and rec.pretrain.use_gpu is True
+    assert rec.pretrain.num_workers >= 1
     assert (rec.capfilt.gpus_per_actor or 0) > 0 and rec.capfilt.captioner_actors >= 1
     # Where the data is not, the path check names the first missing input.
     with pytest.raises(ConfigError, match="urls.path"):
