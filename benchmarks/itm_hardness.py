@@ -41,8 +41,9 @@ from capfilt.eval.metrics import roc_auc
 from capfilt.model.interop import load_med
 from capfilt.model.tokenizer import load_tokenizer
 from capfilt.model.transforms import decode_image, test_transform
+from capfilt.train.config import TrainConfig
 from capfilt.train.data import Collator, TrainBatch
-from capfilt.train.loop import TrainConfig, build_state, train_step
+from capfilt.train.loop import build_state, train_step
 from capfilt.world import check_caption, load_world
 
 log = logging.getLogger("itm_hardness")

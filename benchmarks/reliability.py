@@ -748,10 +748,11 @@ class Faults:
         )
 
     def training_worker_killed(self) -> None:
-        import capfilt.train.loop as T
+        import capfilt.train.driver as T
+        from capfilt.train.config import TrainConfig
 
         out, marker = self.work / "train", self.work / "train.marker"
-        tcfg = T.TrainConfig.model_validate(
+        tcfg = TrainConfig.model_validate(
             {
                 "model": "med-tiny",
                 "data": [str(self.ref)],
@@ -1009,6 +1010,7 @@ def main() -> None:
         "capfilt.stages.download",
         "capfilt.stages.capfilt.driver",
         "capfilt.train.loop",
+        "capfilt.train.driver",
         "capfilt.io.urllist",
         "capfilt.core.cluster",
     ):

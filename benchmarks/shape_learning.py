@@ -223,8 +223,9 @@ def run_probe_variant(name: str, steps: int, every: int, probe: Probe, run: Path
 def run_pretrain_variant(name: str, steps: int, every: int, probe: Probe, data: Any) -> dict[str, Any]:
     from itm_hardness import batches
 
+    from capfilt.train.config import TrainConfig
     from capfilt.train.data import Collator
-    from capfilt.train.loop import TrainConfig, build_state, train_step
+    from capfilt.train.loop import build_state, train_step
 
     objectives, opts = PRETRAIN_VARIANTS[name]
     lr = opts.get("lr", LR)

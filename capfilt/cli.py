@@ -224,7 +224,8 @@ def pretrain(
     """Pretrain MED with ITC + ITM + LM on Ray Train (BLIP's recipe); --resume continues a run."""
     from pydantic import ValidationError
 
-    from capfilt.train.loop import CONFIG_FILE, TrainConfig, run_training
+    from capfilt.train.config import CONFIG_FILE, TrainConfig
+    from capfilt.train.driver import run_training
 
     options = {
         "steps": steps,

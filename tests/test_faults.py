@@ -634,7 +634,7 @@ def _training_worker_killed_at(step: int, marker: Path) -> Callable[[dict[str, A
 
 
 def _train_config(data: Path, out: Path, **overrides: Any) -> Any:
-    from capfilt.train.loop import TrainConfig
+    from capfilt.train.config import TrainConfig
 
     base: dict[str, Any] = {
         "model": "med-tiny",
@@ -658,13 +658,13 @@ def _train_config(data: Path, out: Path, **overrides: Any) -> Any:
 def killed_training(ray_local, reference, tmp_path_factory) -> tuple[Any, Path, dict[str, Any]]:
     """8 steps on the reference download, checkpoints at 3 and 6, max_failures 1; the worker
     process is SIGKILLed after step 5, mid-epoch 0 (an epoch is about 30 steps)."""
-    import capfilt.train.loop as T
+    import capfilt.train.driver as D
 
     root = tmp_path_factory.mktemp("fault-train")
     marker = root / "killed.json"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "train_loop_per_worker", _training_worker_killed_at(5, marker))
-        summary = T.run_training(_train_config(reference, root / "train"))
+        mp.setattr(D, "train_loop_per_worker", _training_worker_killed_at(5, marker))
+        summary = D.run_training(_train_config(reference, root / "train"))
     return summary, root / "train", json.loads(marker.read_text())
 
 
@@ -688,11 +688,12 @@ def test_training_killed_and_restarted_ends_where_an_uninterrupted_run_ends(
     from safetensors.torch import load_file
 
     import capfilt.train.loop as T
+    from capfilt.train.driver import run_training
 
     _, killed_out, _ = killed_training
     out = tmp_path / "train"
     cfg = _train_config(reference, out, tokenizer=str(killed_out / "tokenizer"), max_failures=0)
-    summary = T.run_training(cfg)
+    summary = run_training(cfg)
     assert summary.resumed_from_step is None and summary.steps == 8
     want = load_file(str(out / "train" / "checkpoint_00000008" / T.MODEL_FILE))
     got = load_file(str(killed_out / "train" / "checkpoint_00000008" / T.MODEL_FILE))

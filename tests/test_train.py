@@ -26,17 +26,10 @@ from capfilt.model import MedConfig
 from capfilt.model.interop import load_med
 from capfilt.model.tokenizer import load_tokenizer
 from capfilt.model.transforms import decode_image, test_transform
-from capfilt.train.data import Collator, DataSource
-from capfilt.train.loop import (
-    MODEL_FILE,
-    TRAIN_STATE_FILE,
-    TrainConfig,
-    TrainSummary,
-    build_state,
-    learning_rate,
-    restore_checkpoint,
-    run_training,
-)
+from capfilt.train.config import DataSource, TrainConfig
+from capfilt.train.data import Collator
+from capfilt.train.driver import TrainSummary, run_training
+from capfilt.train.loop import MODEL_FILE, TRAIN_STATE_FILE, build_state, learning_rate, restore_checkpoint
 from capfilt.world import WorldConfig, check_caption, load_world, make_world
 
 STEPS = 200  # the planned length of the resume runs (their schedule), which stop far earlier

@@ -81,7 +81,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_config(section: dict[str, Any], *, data: list[Any], out_dir: str, **fixed: Any) -> Any:
-    from capfilt.train.loop import TrainConfig
+    from capfilt.train.config import TrainConfig
 
     return TrainConfig.model_validate({**section, "data": data, "out_dir": out_dir, **fixed})
 

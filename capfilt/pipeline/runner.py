@@ -211,7 +211,8 @@ def _human(run: Run) -> tuple[Path, Path]:
 def _train(
     run: Run, name: str, section: dict[str, Any], data: list[Any], upstream: list[str], **fixed: Any
 ) -> dict[str, Any]:
-    from capfilt.train.loop import CONFIG_FILE, run_training
+    from capfilt.train.config import CONFIG_FILE
+    from capfilt.train.driver import run_training
 
     def go(d: Path, resuming: bool) -> dict[str, Any]:
         cfg = train_config(section, data=data, out_dir=str(d), run_name=name, **fixed)
@@ -282,7 +283,8 @@ def _finetune_stage(run: Run) -> dict[str, Any]:
             if given:
                 out[role] = {"model_dir": given, "tokenizer_dir": rec.init.tokenizer or base["tokenizer_dir"]}
                 continue
-            from capfilt.train.loop import CONFIG_FILE, run_training
+            from capfilt.train.config import CONFIG_FILE
+            from capfilt.train.driver import run_training
 
             cfg = train_config(
                 merge(defaults, section), data=data, out_dir=str(d / role), run_name=role, **fixed
