@@ -93,7 +93,8 @@ def matching_accuracy(med: Any, tokenizer: Any, images: Any, objs: list[Any]) ->
 
 
 def caption_accuracy(med: Any, tokenizer: Any, pil_images: list[Any], scenes: list[Any]) -> dict[str, Any]:
-    from capfilt.eval.metrics import EvalConfig, generate_captions
+    from capfilt.eval.captioning import generate_captions
+    from capfilt.eval.config import EvalConfig
     from capfilt.world.checker import check_caption, tokenize
 
     captions = generate_captions(med, tokenizer, pil_images, EvalConfig(device="cpu"))

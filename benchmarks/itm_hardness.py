@@ -37,7 +37,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from capfilt.eval.metrics import roc_auc
+from capfilt.eval.quality import roc_auc
 from capfilt.model.interop import load_med
 from capfilt.model.tokenizer import load_tokenizer
 from capfilt.model.transforms import decode_image, test_transform
@@ -80,7 +80,7 @@ VARIANTS: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [
 
 
 def auc(pos: Any, neg: Any) -> float:
-    """ROC-AUC of positives' scores against negatives' (capfilt.eval.metrics.roc_auc)."""
+    """ROC-AUC of positives' scores against negatives' (capfilt.eval.quality.roc_auc)."""
     pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
     return roc_auc(np.r_[pos, neg], np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)])
 

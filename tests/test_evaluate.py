@@ -12,27 +12,26 @@ import pytest
 import torch
 
 from capfilt.core import schema as S
-from capfilt.eval.metrics import (
-    EvalConfig,
-    EvalSplit,
-    caption_scores,
-    checker_correct_rate,
+from capfilt.eval.captioning import caption_scores, checker_correct_rate
+from capfilt.eval.config import EvalConfig
+from capfilt.eval.evaluate import evaluate_model, write_results
+from capfilt.eval.quality import (
     evaluate_capfilt,
-    evaluate_model,
+    filter_quality,
+    label_candidates,
+    noise_ratio,
+    roc_auc,
+    web_truth,
+)
+from capfilt.eval.retrieval import (
     evaluate_retrieval,
     faiss_topk,
-    filter_quality,
     first_positive_ranks,
-    label_candidates,
-    load_world_test_split,
-    noise_ratio,
     recall_at,
     retrieval_from_candidates,
     retrieval_metrics,
-    roc_auc,
-    web_truth,
-    write_results,
 )
+from capfilt.eval.split import EvalSplit, load_world_test_split
 
 # ------------------------------------------------------------------------------ ranks and recall
 

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from capfilt.core.errors import ConfigError
-from capfilt.eval.metrics import EvalConfig
+from capfilt.eval.config import EvalConfig
 from capfilt.stages.capfilt.driver import CapFiltConfig
 from capfilt.stages.download import DownloadConfig
 from capfilt.stages.vit import VitInitConfig

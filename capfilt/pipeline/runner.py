@@ -358,14 +358,10 @@ def _evaluate_stage(run: Run) -> dict[str, Any]:
 
 def evaluate_run(run: Run, d: Path) -> dict[str, Any]:
     """Both rounds zero-shot on the test split, CapFilt's quality against the world, the report."""
-    from capfilt.eval.metrics import (
-        evaluate_capfilt,
-        evaluate_model,
-        load_split,
-        load_world_test_split,
-        write_results,
-    )
+    from capfilt.eval.evaluate import evaluate_model, write_results
+    from capfilt.eval.quality import evaluate_capfilt
     from capfilt.eval.report import write_report
+    from capfilt.eval.split import load_split, load_world_test_split
     from capfilt.model.interop import load_checkpoint
     from capfilt.model.tokenizer import load_tokenizer
     from capfilt.stages.capfilt.driver import read_candidates
@@ -425,7 +421,7 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
 def _labelled(candidates: Any, samples: Any, world: Any) -> Any:
     if candidates is None or samples is None or world is None:
         return candidates
-    from capfilt.eval.metrics import label_candidates
+    from capfilt.eval.quality import label_candidates
 
     return label_candidates(candidates, samples, world)
 
