@@ -196,15 +196,10 @@ def test_checker_rate_on_the_worlds_test_scenes(small_world: Path):
 
 @pytest.fixture(scope="module")
 def tiny_model(small_world: Path):
-    from capfilt.model import create_med, get_config
-    from capfilt.model.tokenizer import TokenIds, train_wordpiece
+    from capfilt.testing import tiny_med, tiny_tokenizer
 
-    split = load_world_test_split(small_world)
-    tok = train_wordpiece(split.texts(), vocab_size=300)
-    ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_token_ids(ids)
-    torch.manual_seed(0)
-    return create_med(cfg).eval(), tok
+    tok = tiny_tokenizer(load_world_test_split(small_world).texts())
+    return tiny_med(tok), tok
 
 
 def test_evaluate_model_end_to_end_on_a_tiny_world(small_world: Path, tiny_model, tmp_path: Path):
