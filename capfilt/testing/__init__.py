@@ -7,36 +7,7 @@ first use (``capfilt.testing.models``, ``capfilt.testing.faults``).
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on first use
-    from capfilt.testing.faults import (
-        DEADLINE_S,
-        RAY_START_TIMEOUT,
-        Gate,
-        GaveUp,
-        OsFailingReplace,
-        cli_env,
-        download_always_failing,
-        download_killed_before_rename,
-        dying_actor,
-        kill_driver,
-        log_since,
-        patched,
-        popen_cli,
-        run_cli,
-        start_cli,
-        training_killed_at,
-        wait_for,
-    )
-    from capfilt.testing.models import (
-        TINY_VOCAB,
-        center_itm,
-        one_torch_thread,
-        tiny_med,
-        tiny_models,
-        tiny_tokenizer,
-    )
+from typing import Any
 
 _WHERE = {
     # tiny models
@@ -66,31 +37,7 @@ _WHERE = {
     "wait_for": "faults",
 }
 
-__all__ = [
-    "DEADLINE_S",
-    "RAY_START_TIMEOUT",
-    "TINY_VOCAB",
-    "Gate",
-    "GaveUp",
-    "OsFailingReplace",
-    "center_itm",
-    "cli_env",
-    "download_always_failing",
-    "download_killed_before_rename",
-    "dying_actor",
-    "kill_driver",
-    "log_since",
-    "one_torch_thread",
-    "patched",
-    "popen_cli",
-    "run_cli",
-    "start_cli",
-    "tiny_med",
-    "tiny_models",
-    "tiny_tokenizer",
-    "training_killed_at",
-    "wait_for",
-]
+__all__ = sorted(_WHERE)  # each resolved by __getattr__ on first use
 
 
 def __getattr__(name: str) -> Any:
