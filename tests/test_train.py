@@ -163,7 +163,7 @@ def test_pretraining_lowers_every_loss(learn_run: tuple[TrainSummary, Path]) -> 
     ITM's negatives are uniform here (itm_hardness 0). With BLIP's ITC-hard negatives from the
     first step the same run ended at ITM 0.650 -> 0.637, the 1:2 class prior: the negatives get
     harder exactly as ITC learns, faster than an ITM head trained from scratch can follow
-    (benchmarks/results/itm_hardness.json)."""
+    (experiments/results/itm_hardness.json)."""
     summary, _ = learn_run
     assert summary.steps == LEARN_STEPS
     history, first = summary.history, summary.first_losses

@@ -30,7 +30,7 @@ class ObjectiveConfig(BaseModel):
     # to `itm_hardness` over `itm_hardness_ramp_steps` (0 = no ramp). A model trained from
     # scratch needs easier negatives: ITC-hard ones are too hard for an ITM head that has learnt
     # nothing yet, and ITM then stays at the 1:2 class prior. Measured on the demo world
-    # (benchmarks/itm_hardness.py): uniform negatives (0) learn; a ramp from 0 to 1 over the run
+    # (experiments/itm_hardness.py): uniform negatives (0) learn; a ramp from 0 to 1 over the run
     # learns and then falls back to the prior as the negatives harden.
     itm_hardness: float = Field(1.0, ge=0)
     itm_hardness_ramp_steps: int = Field(0, ge=0)

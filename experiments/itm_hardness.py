@@ -16,7 +16,7 @@ pairs only, ITC + ITM, positives by image id) from two of the pretrained models 
 uniform negatives. The pretrain variants run 600 steps, the two saved for the fine-tunes 900 (the
 demo's length).
 
-    python benchmarks/itm_hardness.py --run runs/demo --out benchmarks/results/itm_hardness.json
+    python experiments/itm_hardness.py --run runs/demo --out experiments/results/itm_hardness.json
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def run_variant(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished demo run folder")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/itm_hardness.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "itm_hardness.json")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
