@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(BIN)/capfilt run pipelines/demo.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check capfilt tests benchmarks
-	$(BIN)/ruff format --check capfilt tests benchmarks
+	$(BIN)/ruff check capfilt tests benchmarks experiments
+	$(BIN)/ruff format --check capfilt tests benchmarks experiments
 	$(BIN)/mypy capfilt
 	$(BIN)/hadolint docker/Dockerfile
 

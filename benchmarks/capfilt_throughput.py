@@ -67,13 +67,10 @@ def make_inputs(root: Path, n_images: int, image_size: int, shard_size: int) -> 
     tokenizer and random med-tiny captioner/filter exported as transformers folders."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
     from capfilt.core import schema as S
-    from capfilt.core.text import pre_caption
-    from capfilt.model import create_med, get_config
     from capfilt.model.interop import export_captioner, export_filter
-    from capfilt.model.tokenizer import TokenIds, train_wordpiece
+    from capfilt.testing import tiny_med, tiny_tokenizer
     from capfilt.world import WorldConfig, make_world
 
     world = root / "world"
@@ -105,11 +102,8 @@ def make_inputs(root: Path, n_images: int, image_size: int, shard_size: int) -> 
         }
         pq.write_table(pa.table(cols, schema=S.SAMPLE), data / f"{shard:05d}.parquet")
 
-    tok = train_wordpiece([pre_caption(c) for c in web["caption"]], vocab_size=1000)
-    ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_token_ids(ids)
-    torch.manual_seed(0)
-    med = create_med(cfg).eval()
+    tok = tiny_tokenizer(web["caption"])
+    med = tiny_med(tok)
     return {
         "data": data,
         "captioner": export_captioner(med, root / "captioner", tok),

@@ -52,7 +52,8 @@ def _download(root: Path, n_web: int) -> Path:
 def _ray_windows(
     shards: Path, root: Path, workers: int, batch: int, steps: int, log_every: int
 ) -> list[float]:
-    from capfilt.train.loop import TrainConfig, run_training
+    from capfilt.train.config import TrainConfig
+    from capfilt.train.driver import run_training
 
     cores = os.cpu_count() or 1
     cfg = TrainConfig(
@@ -90,8 +91,9 @@ def _split(shards: Path, tokenizer_dir: Path, batch: int, repeats: int) -> dict[
 
     from capfilt.model import get_config
     from capfilt.model.tokenizer import TokenIds, load_tokenizer
+    from capfilt.train.config import TrainConfig
     from capfilt.train.data import Collator, SkipCounts, fixed_batches, resolve_sources
-    from capfilt.train.loop import TrainConfig, build_state, train_step
+    from capfilt.train.loop import build_state, train_step
 
     torch.set_num_threads(os.cpu_count() or 1)
     tok = load_tokenizer(tokenizer_dir)

@@ -4,7 +4,8 @@ of a soak run; written to benchmarks/results/reliability.json.
 Run as `nice python benchmarks/reliability.py` inside the project's .venv (several minutes).
 
 Faults (each on local Ray, on a served shapes world of `--fault-web` rows, against an
-uninterrupted run of the same input; tests/test_faults.py injects the same faults):
+uninterrupted run of the same input; tests/test_faults.py injects the same faults, both with
+capfilt.testing.faults):
 
 - download_worker_killed: the worker of one download shard is SIGKILLed on its first attempt
   between the shard's temp file and its rename; the shard retry redoes it.
@@ -50,18 +51,28 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from capfilt.testing import (
+    Gate,
+    OsFailingReplace,
+    cli_env,
+    download_always_failing,
+    download_killed_before_rename,
+    dying_actor,
+    kill_driver,
+    patched,
+    run_cli,
+    start_cli,
+    tiny_models,
+    training_killed_at,
+)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -76,104 +87,6 @@ log = logging.getLogger("reliability")
 SHARD_SIZE = 50
 DEADLINE_S = 600.0
 MIB = 1 << 20
-
-
-# ---------------------------------------------------------------------------- small helpers
-
-
-def _wait_for(cond: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-    end = time.monotonic() + deadline_s
-    while not cond():
-        if time.monotonic() > end:
-            raise TimeoutError(f"gave up after {deadline_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
-class Gate:
-    """A loopback HTTP front that redirects to the world server: at once for paths in
-    `open_paths`, for the others only once `release` is set (None: everything passes)."""
-
-    def __init__(self, world_base: str) -> None:
-        self.world_base = world_base.rstrip("/")
-        self.open_paths: set[str] | None = None
-        self.release = threading.Event()
-        gate = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.lstrip("/")
-                if gate.open_paths is not None and path not in gate.open_paths:
-                    gate.release.wait(DEADLINE_S)
-                try:
-                    self.send_response(HTTPStatus.FOUND)
-                    self.send_header("Location", f"{gate.world_base}/{path}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                except OSError:
-                    pass
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 256
-
-            def handle_error(self, request: object, client_address: object) -> None:
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    return env | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _popen(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "ab") as f:
-        return subprocess.Popen(
-            argv, stdout=f, stderr=subprocess.STDOUT, env=_cli_env(), start_new_session=True
-        )
-
-
-def _kill_driver(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the driver; wait for the Ray processes that share its fate; kill Ray's agents,
-    which outlive it by minutes, by pid."""
-    import psutil
-
-    started = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-
-    def alive(p: psutil.Process) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    def agent(p: psutil.Process) -> bool:
-        try:
-            return "Agent" in " ".join(p.cmdline())
-        except psutil.Error:
-            return False
-
-    workers = [p for p in started if not agent(p)]
-    try:
-        _wait_for(lambda: not any(alive(p) for p in workers), "the killed driver's Ray processes", 60)
-    finally:
-        for p in started:
-            if alive(p):
-                p.kill()
-        psutil.wait_procs(started, timeout=30)
 
 
 # ------------------------------------------------------------------------------ accounting
@@ -281,185 +194,7 @@ class Record:
         log.info("fault %s: %s", name, entry)
 
 
-@contextmanager
-def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
-# -------------------------------------------------------------------------- fault injectors
-# Functions Ray runs are built inside functions, so they are pickled by value; they use modules
-# and capfilt only (this file is not importable in a Ray worker).
-
-
-def download_killed_before_rename(victim: int, marker: Path) -> Callable[..., dict[str, Any]]:
-    def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
-        import os as os_
-
-        import capfilt.stages.download as dl
-
-        if shard == victim and attempt == 1:
-            real_replace = os_.replace
-
-            def replace(src: Any, dst: Any) -> None:
-                if str(dst).endswith(f"{victim:05d}.parquet"):
-                    marker.write_text(str(os_.getpid()))
-                    os_.kill(os_.getpid(), signal.SIGKILL)
-                real_replace(src, dst)
-
-            os_.replace = replace
-        return dl.download_shard(shard, input_path, out_dir, cfg_json, attempt)
-
-    return task
-
-
-def download_always_failing(victim: int) -> Callable[..., dict[str, Any]]:
-    def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
-        import capfilt.stages.download as dl
-
-        if shard == victim:
-            raise RuntimeError(f"injected fault: disk full on attempt {attempt}")
-        return dl.download_shard(shard, input_path, out_dir, cfg_json, attempt)
-
-    return task
-
-
-class OsFailingReplace:
-    """`os` for capfilt.core.shards whose replace raises for a target ending in `suffix`."""
-
-    def __init__(self, suffix: str) -> None:
-        self.suffix = suffix
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(os, attr)
-
-    def replace(self, src: Any, dst: Any) -> None:
-        if str(dst).endswith(self.suffix):
-            raise OSError(f"injected crash before renaming {src} to {dst}")
-        os.replace(src, dst)
-
-
-def dying_actor(base: type, marker: Path, on_call: int) -> type:
-    class Dying(base):  # type: ignore[misc, valid-type]
-        calls = 0
-
-        def __call__(self, batch: dict[str, Any]) -> Any:
-            type(self).calls += 1
-            if type(self).calls == on_call and not marker.exists():
-                marker.write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
-            return super().__call__(batch)
-
-    Dying.__name__ = Dying.__qualname__ = base.__name__
-    return Dying
-
-
-def training_killed_at(step: int, marker: Path) -> Callable[[dict[str, Any]], Any]:
-    def loop(config: dict[str, Any]) -> Any:
-        import os as os_
-
-        import capfilt.train.loop as T
-
-        real_step = T.train_step
-
-        def step_then_die(state: Any, *args: Any, **kwargs: Any) -> Any:
-            out = real_step(state, *args, **kwargs)
-            if state.step == step and not marker.exists():
-                marker.write_text(json.dumps({"step": state.step, "epoch": state.epoch}))
-                os_.kill(os_.getpid(), signal.SIGKILL)
-            return out
-
-        T.train_step = step_then_die
-        return T._WorkerLoop(config).run()
-
-    return loop
-
-
 # ------------------------------------------------------------------------------- the faults
-
-
-def tiny_models(world: Path, root: Path) -> dict[str, Path]:
-    """A random med-tiny exported as captioner and filter (tokenizer trained on the world's
-    captions), its ITM head shifted so the world's median pair scores 0.5."""
-    import numpy as np
-    import pyarrow.parquet as pq
-    import torch
-
-    from capfilt.core.text import pre_caption
-    from capfilt.model import create_med, get_config
-    from capfilt.model.interop import export_captioner, export_filter
-    from capfilt.model.tokenizer import TokenIds, train_wordpiece
-    from capfilt.stages.capfilt.driver import CapFiltConfig, preprocess_batch, score_batch
-
-    web = pq.read_table(world / "web.parquet")
-    tok = train_wordpiece([pre_caption(c) for c in web.column("caption").to_pylist()], vocab_size=400)
-    ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_token_ids(ids)
-    torch.manual_seed(0)
-    med = create_med(cfg).eval()
-    labels = pq.read_table(world / "web_labels.parquet").to_pylist()
-    good = [r for r in labels if r["expect"] == "success" and r["bad_kind"] is None][:32]
-    raw = {
-        "uid": np.asarray([str(i) for i in range(len(good))], dtype=object),
-        "text": np.asarray([r["caption"] for r in good], dtype=object),
-        "image": np.asarray([(world / r["path"]).read_bytes() for r in good], dtype=object),
-    }
-    scores = (
-        score_batch(med, tok, preprocess_batch(raw, [64]), CapFiltConfig()).column("itm_score").to_numpy()
-    )
-    with torch.no_grad():
-        med.itm_head.bias[1] -= float(np.nanmedian(np.log(scores / (1 - scores))))
-    return {
-        "captioner": export_captioner(med, root / "captioner", tok),
-        "filter": export_filter(med, root / "filter", tok),
-    }
-
-
-RAY_START_TIMEOUT = "The current node timed out during startup"
-
-
-def _log_since(path: Path, offset: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace")
-
-
-def run_cli(argv: list[str], log_path: Path, tries: int = 3) -> tuple[int, int]:
-    """Run a CLI command to its end, again while it fails only because its local Ray did not
-    start in time (Ray gives the raylet 30 s; a loaded machine can miss that): that is what a
-    user does. Returns (exit code, attempts)."""
-    for attempt in range(1, tries + 1):
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        rc = _popen(argv, log_path).wait(timeout=DEADLINE_S)
-        if rc == 0 or RAY_START_TIMEOUT not in _log_since(log_path, offset):
-            return rc, attempt
-        log.warning("%s: local Ray did not start in time; running it again", argv[3])
-    return rc, tries
-
-
-def start_cli_until(
-    argv: list[str], log_path: Path, ready: Callable[[], bool], tries: int = 3
-) -> subprocess.Popen[bytes]:
-    """Start a CLI command and wait until `ready()` holds while it runs (restarting it if its
-    local Ray did not start in time). Returns the running process; raises if it ended."""
-    for _ in range(tries):
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        proc = _popen(argv, log_path)
-
-        def going(proc: subprocess.Popen[bytes] = proc) -> bool:
-            return ready() or proc.poll() is not None
-
-        _wait_for(going, f"{argv[3]} to get going")
-        if proc.poll() is None:
-            return proc
-        if RAY_START_TIMEOUT not in _log_since(log_path, offset):
-            break
-        log.warning("%s: local Ray did not start in time; starting it again", argv[3])
-    raise RuntimeError(f"{' '.join(argv[2:4])} ended before the fault: see {log_path}")
 
 
 class Faults:
@@ -494,7 +229,7 @@ class Faults:
         from capfilt.stages.download import run_download
         from capfilt.world import write_url_list
 
-        self.gate = Gate(server_url)
+        self.gate = Gate(server_url, DEADLINE_S)
         self.urls = write_url_list(self.world, self.gate.base_url, self.work / "urls.parquet")
         self.ref = self.work / "ref-download"
         run_download(self.urls, self.ref, self.dl, progress=False)
@@ -634,21 +369,23 @@ class Faults:
         import pyarrow.parquet as pq
 
         out, cli_log = self.work / "dl-driver-killed", self.work / "dl-driver-killed.log"
-        argv = [sys.executable, "-m", "capfilt", "download", "--urls", str(self.urls), "--out", str(out)]
+        argv = ["download", "--urls", str(self.urls), "--out", str(out)]
         argv += self.cli_dl
         first = pq.read_table(self.urls).slice(0, SHARD_SIZE).column("url").to_pylist()
         self.gate.open_paths = {u.removeprefix(self.gate.base_url + "/") for u in first}
         self.gate.release.clear()
         try:
-            proc = start_cli_until(argv, cli_log, lambda: (out / "_stats" / "00000.json").exists())
-            _kill_driver(proc)
+            proc = start_cli(
+                argv, cli_log, lambda: (out / "_stats" / "00000.json").exists(), deadline_s=DEADLINE_S
+            )
+            kill_driver(proc)
         finally:
             self.gate.open_paths = None
             self.gate.release.set()
         killed = self.rec.run(
             "download_driver_killed", "killed", "download", "killed", download_rows(self.urls, out)
         )
-        rc, attempts = run_cli(argv, cli_log)
+        rc, attempts = run_cli(argv, cli_log, timeout_s=DEADLINE_S)
         outcome = "done" if rc == 0 else f"exit {rc}"
         rows = self.rec.run(
             "download_driver_killed", "rerun", "download", outcome, download_rows(self.urls, out)
@@ -722,18 +459,18 @@ class Faults:
 
         models = self.models
         out, cli_log = self.work / "cf-driver-killed", self.work / "cf-driver-killed.log"
-        argv = [sys.executable, "-m", "capfilt", "capfilt", "--data", str(self.ref), "--out", str(out)]
+        argv = ["capfilt", "--data", str(self.ref), "--out", str(out)]
         argv += ["--captioner", str(models["captioner"]), "--filter", str(models["filter"]), *self.cli_cf]
         cref_all = self.work / "ref-capfilt-all"
         run_capfilt(self.ref, cref_all, models["captioner"], models["filter"], self.cf)
         rows = capfilt_rows(self.ref, cref_all)
         self.rec.run("none", "uninterrupted (all shards)", "capfilt", "done", rows)
-        proc = start_cli_until(argv, cli_log, lambda: any((out / "_stats").glob("*.json")))
-        _kill_driver(proc)
+        proc = start_cli(argv, cli_log, lambda: any((out / "_stats").glob("*.json")), deadline_s=DEADLINE_S)
+        kill_driver(proc)
         killed = self.rec.run(
             "capfilt_driver_killed", "killed", "capfilt", "killed", capfilt_rows(self.ref, out)
         )
-        rc, attempts = run_cli(argv, cli_log)
+        rc, attempts = run_cli(argv, cli_log, timeout_s=DEADLINE_S)
         outcome = "done" if rc == 0 else f"exit {rc}"
         rows = self.rec.run("capfilt_driver_killed", "rerun", "capfilt", outcome, capfilt_rows(self.ref, out))
         self.rec.fault(
@@ -748,10 +485,11 @@ class Faults:
         )
 
     def training_worker_killed(self) -> None:
-        import capfilt.train.loop as T
+        import capfilt.train.driver as T
+        from capfilt.train.config import TrainConfig
 
         out, marker = self.work / "train", self.work / "train.marker"
-        tcfg = T.TrainConfig.model_validate(
+        tcfg = TrainConfig.model_validate(
             {
                 "model": "med-tiny",
                 "data": [str(self.ref)],
@@ -773,6 +511,8 @@ class Faults:
         except Exception as err:  # recorded, not raised: the figures say it did not survive
             error = f"{type(err).__name__}: {err}"
         killed = json.loads(marker.read_text()) if marker.exists() else None
+        if killed:  # the figures keep step and epoch; the pid is of a process long gone
+            killed.pop("pid", None)
         self.rec.fault(
             "training_worker_killed",
             "pretrain",
@@ -876,7 +616,7 @@ def soak(work: Path, n_web: int, models_world: Path | None = None) -> dict[str, 
             stdout=subprocess.PIPE,
             stderr=child_log,
             text=True,
-            env=_cli_env(),
+            env=cli_env(),
         )
         top = psutil.Process(proc.pid)
         peak = {"driver_rss": 0, "workers_rss": 0, "workers_pss": 0, "worker_rss_max": 0, "tree_rss": 0}
@@ -1009,6 +749,7 @@ def main() -> None:
         "capfilt.stages.download",
         "capfilt.stages.capfilt.driver",
         "capfilt.train.loop",
+        "capfilt.train.driver",
         "capfilt.io.urllist",
         "capfilt.core.cluster",
     ):

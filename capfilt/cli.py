@@ -234,8 +234,8 @@ def pretrain(
 ) -> None:
     """Pretrain MED with ITC + ITM + LM on Ray Train (BLIP's recipe); --resume continues a run.
     Every field of a recipe's training section is an option."""
-    from capfilt.train.config import TrainConfig
-    from capfilt.train.loop import CONFIG_FILE, run_training
+    from capfilt.train.config import CONFIG_FILE, TrainConfig
+    from capfilt.train.driver import run_training
 
     given = dict(config or {})
     try:

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray instance per test session, and a small served shapes world."""
+"""Shared fixtures (built with capfilt.testing): one local Ray instance per test session, a small
+served shapes world, its tiny random captioner and filter, and torch on one thread."""
 
 from __future__ import annotations
 
@@ -44,3 +45,24 @@ def served_world(small_world: Path) -> Iterator[tuple[Path, Path, object]]:
     with WorldServer(small_world) as server:
         urls = write_url_list(small_world, server.base_url, small_world / "urls.parquet")
         yield small_world, urls, server
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a module (capfilt.testing.one_torch_thread): the tiny models run
+    faster so on a busy machine, and CPU kernels are then bitwise deterministic."""
+    from capfilt.testing import one_torch_thread as one_thread
+
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_models(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The small world's tiny random med-tiny, ITM centred on its pairs, exported as a
+    transformers captioner and filter (capfilt.testing.tiny_models)."""
+    from capfilt.testing import one_torch_thread as one_thread
+    from capfilt.testing import tiny_models as build
+
+    with one_thread():
+        return build(small_world, tmp_path_factory.mktemp("tiny-models"))

@@ -21,9 +21,7 @@ from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
 from capfilt.core.shards import STATS_DIR
 from capfilt.core.text import pre_caption
-from capfilt.model import create_med, get_config
-from capfilt.model.interop import export_captioner, export_filter
-from capfilt.model.tokenizer import TokenIds, load_tokenizer, tokenize, train_wordpiece
+from capfilt.model.tokenizer import load_tokenizer, tokenize, train_wordpiece
 from capfilt.model.transforms import decode_image, test_transform
 from capfilt.stages.capfilt.driver import (
     CANDIDATES_DIR,
@@ -56,46 +54,14 @@ DOWNLOAD = DownloadConfig(
 # ------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models run faster on one thread; two threads on a busy 2-core machine crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def models(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tokenizer trained on the world's captions, and a tiny random MED exported twice: as a
-    transformers captioner and as a transformers filter (tokenizer saved beside each)."""
-    root = tmp_path_factory.mktemp("models")
-    captions = pq.read_table(small_world / "web.parquet").column("caption").to_pylist()
-    tok = train_wordpiece([pre_caption(c) for c in captions], vocab_size=300)
-    ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_token_ids(ids)
-    torch.manual_seed(0)
-    med = create_med(cfg).eval()
-    _center_itm(med, tok, small_world)
-    return {
-        "captioner": export_captioner(med, root / "captioner", tok),
-        "filter": export_filter(med, root / "filter", tok),
-    }
-
-
-def _center_itm(med, tok, world: Path) -> None:
-    """Shift the random ITM head so the median web pair of the world scores 0.5: a random model's
-    scores differ only in the third decimal, and the threshold tests need keeps and drops."""
-    web = pq.read_table(world / "web.parquet").slice(0, 32).to_pydict()
-    raw = {
-        "uid": np.asarray([str(i) for i in range(32)], dtype=object),
-        "text": np.asarray(web["caption"], dtype=object),
-        "image": np.asarray([(world / p).read_bytes() for p in web["path"]], dtype=object),
-    }
-    scores = score_batch(med, tok, preprocess_batch(raw, [64]), CFG).column("itm_score").to_numpy()
-    logit = float(np.nanmedian(np.log(scores / (1 - scores))))  # NaN: unscored (empty text)
-    with torch.no_grad():
-        med.itm_head.bias[1] -= logit
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """The session's tiny random MED (capfilt.testing): a transformers captioner and filter,
+    tokenizer beside each, its ITM head centred so the threshold tests get keeps and drops."""
+    return tiny_models
 
 
 @pytest.fixture(scope="module")

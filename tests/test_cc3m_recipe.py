@@ -21,25 +21,19 @@ from typer.testing import CliRunner
 from capfilt.cli import app
 from capfilt.core.errors import ConfigError
 from capfilt.core.logs import ContextFilter
-from capfilt.core.text import pre_caption
-from capfilt.model import create_med, get_config
+from capfilt.model import get_config
 from capfilt.model.interop import export_captioner, export_filter, load_blip_pth
-from capfilt.model.tokenizer import TokenIds, train_wordpiece
 from capfilt.pipeline.recipe import Recipe, load_recipe
 from capfilt.pipeline.status import DONE, run_status
 from capfilt.stages.capfilt.driver import read_cleaned
 from capfilt.stages.download import DownloadConfig
+from capfilt.testing.models import tiny_med, tiny_tokenizer
 from capfilt.world import WorldConfig, WorldServer, make_world
 
 RECIPE = Path("pipelines/cc3m.yaml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _raw() -> dict[str, Any]:
@@ -134,13 +128,10 @@ def checkpoints(world: Path, tmp_path_factory) -> dict[str, Path]:
     pretrained model) and as transformers captioner and filter folders."""
     root = tmp_path_factory.mktemp("checkpoints")
     captions = pq.read_table(world / "web.parquet").column("caption").to_pylist()
-    tok = train_wordpiece([pre_caption(c) for c in captions], vocab_size=300, out_dir=root / "tokenizer")
-    ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_token_ids(ids)
+    tok = tiny_tokenizer(captions, out_dir=root / "tokenizer")
+    med = tiny_med(tok)
     arch = root / "med-tiny-cc3m.json"
-    arch.write_text(cfg.model_dump_json(indent=2))
-    torch.manual_seed(0)
-    med = create_med(cfg).eval()
+    arch.write_text(med.config.model_dump_json(indent=2))
     with torch.no_grad():
         med.itm_head.bias[1] += 4.0  # a random filter keeps (almost) everything: round 2 gets data
     pth = root / "model_base.pth"

@@ -18,7 +18,7 @@ from PIL import Image
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
 from capfilt.core.text import pre_caption
-from capfilt.model.tokenizer import train_wordpiece
+from capfilt.testing import tiny_tokenizer
 from capfilt.train.data import (
     PAIR_COLUMNS,
     Collator,
@@ -99,8 +99,8 @@ def samples(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 @pytest.fixture(scope="module")
 def tokenizer(small_world: Path) -> Any:
-    texts = [pre_caption(t) for t in pq.read_table(small_world / "web.parquet").column("caption").to_pylist()]
-    return train_wordpiece(["a picture of", *texts], vocab_size=400)
+    captions = pq.read_table(small_world / "web.parquet").column("caption").to_pylist()
+    return tiny_tokenizer(["a picture of", *captions])
 
 
 # ------------------------------------------------------------------------------------- sources

@@ -12,27 +12,28 @@ import pytest
 import torch
 
 from capfilt.core import schema as S
-from capfilt.eval.metrics import (
-    EvalConfig,
-    EvalSplit,
-    caption_scores,
-    checker_correct_rate,
+from capfilt.eval.captioning import caption_scores, checker_correct_rate
+from capfilt.eval.config import EvalConfig
+from capfilt.eval.encode import encode_images, encode_texts
+from capfilt.eval.evaluate import evaluate_model, write_results
+from capfilt.eval.quality import (
     evaluate_capfilt,
-    evaluate_model,
+    filter_quality,
+    label_candidates,
+    noise_ratio,
+    roc_auc,
+    web_truth,
+)
+from capfilt.eval.retrieval import (
     evaluate_retrieval,
     faiss_topk,
-    filter_quality,
     first_positive_ranks,
-    label_candidates,
-    load_world_test_split,
-    noise_ratio,
+    itm_match_logits,
     recall_at,
     retrieval_from_candidates,
     retrieval_metrics,
-    roc_auc,
-    web_truth,
-    write_results,
 )
+from capfilt.eval.split import EvalSplit, load_world_test_split
 
 # ------------------------------------------------------------------------------ ranks and recall
 
@@ -197,15 +198,10 @@ def test_checker_rate_on_the_worlds_test_scenes(small_world: Path):
 
 @pytest.fixture(scope="module")
 def tiny_model(small_world: Path):
-    from capfilt.model import create_med, get_config
-    from capfilt.model.tokenizer import TokenIds, train_wordpiece
+    from capfilt.testing import tiny_med, tiny_tokenizer
 
-    split = load_world_test_split(small_world)
-    tok = train_wordpiece(split.texts(), vocab_size=300)
-    ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_token_ids(ids)
-    torch.manual_seed(0)
-    return create_med(cfg).eval(), tok
+    tok = tiny_tokenizer(load_world_test_split(small_world).texts())
+    return tiny_med(tok), tok
 
 
 def test_evaluate_model_end_to_end_on_a_tiny_world(small_world: Path, tiny_model, tmp_path: Path):
@@ -214,20 +210,51 @@ def test_evaluate_model_end_to_end_on_a_tiny_world(small_world: Path, tiny_model
     med, tok = tiny_model
     full = load_world_test_split(small_world)
     split = EvalSplit(full.image_paths[:12], full.captions[:12])  # 12 images, 60 texts: enough to run it all
-    config = EvalConfig(k=10, num_beams=2, max_length=10, device="cpu")
+    # k covers every text, so the re-rank scores every pair: the recalls must be those of the dense
+    # ITM + ITC score matrix, computed here pair by pair.
+    config = EvalConfig(k=60, num_beams=2, max_length=10, device="cpu")
     result = evaluate_model(med, tok, split, config, load_world(small_world))
 
     r = result["retrieval"]
-    assert (r["n_images"], r["n_texts"], r["k"]) == (12, 60, 10)
-    for way in ("t2i", "i2t"):
-        assert 0.0 <= r[f"r1_{way}"] <= r[f"r5_{way}"] <= r[f"r10_{way}"] <= 100.0
+    assert (r["n_images"], r["n_texts"], r["k"]) == (12, 60, 60)
+    embeds, image_feats = encode_images(med, split.images(), device="cpu")
+    ids, mask, text_feats = encode_texts(med, tok, split.texts(), device="cpu")
+    pairs = np.stack([np.repeat(np.arange(12), 60), np.tile(np.arange(60), 12)], axis=1)
+    dense = itm_match_logits(med, embeds, ids, mask, pairs).reshape(12, 60) + image_feats @ text_feats.T
+    want = retrieval_metrics(dense, split.txt2img())
+    assert {k: r[k] for k in want} == pytest.approx(want)
     c = result["captioning"]
     assert c["n_images"] == 12 and len(c["examples"]) == 8
     assert all(isinstance(e["caption"], str) for e in c["examples"])
-    assert c["bleu4"] >= 0.0 and c["cider"] >= 0.0 and 0.0 <= c["checker_correct"] <= 1.0
+    # A random model writes no true caption and scores as unrelated text does (measured: 0, 0, 0).
+    assert c["bleu4"] < 1.0 and c["cider"] < 5.0 and c["checker_correct"] < 0.25
 
     path = write_results(tmp_path / "eval" / "round1.json", result)
-    assert json.loads(path.read_text())["retrieval"]["k"] == 10
+    assert json.loads(path.read_text())["retrieval"]["k"] == 60
+
+
+def test_captioning_scores_an_oracle_captioner_top_and_a_shuffled_one_low(
+    small_world: Path, tiny_model, monkeypatch
+):
+    """Captions stand in for the model's: each image's own first reference (an oracle), then the
+    next image's. The stage must pair captions with their own image's references and scene."""
+    import capfilt.eval.captioning as captioning
+    from capfilt.world import load_world
+
+    med, tok = tiny_model
+    full = load_world_test_split(small_world)
+    split = EvalSplit(full.image_paths[:12], full.captions[:12])
+    config = EvalConfig(retrieval=False, device="cpu")
+    world = load_world(small_world)
+    own = [caps[0] for caps in split.captions]
+    monkeypatch.setattr(captioning, "generate_captions", lambda *args, **kwargs: list(own))
+    oracle = evaluate_model(med, tok, split, config, world)["captioning"]
+    assert oracle["bleu4"] == pytest.approx(100.0, abs=1e-3) and oracle["cider"] > 300.0
+    assert oracle["checker_correct"] == 1.0
+    monkeypatch.setattr(captioning, "generate_captions", lambda *args, **kwargs: own[1:] + own[:1])
+    shuffled = evaluate_model(med, tok, split, config, world)["captioning"]
+    # Measured: BLEU-4 17, CIDEr 39, checker 1 of 12 (two scenes the same caption is true of).
+    assert shuffled["bleu4"] < 50.0 and shuffled["cider"] < 100.0 and shuffled["checker_correct"] < 0.25
 
 
 def test_evaluate_model_fails_fast_without_the_heads_it_needs(small_world: Path, tiny_model):

@@ -2,10 +2,10 @@
 shards that fail every attempt, and crashes between a temp file and its rename. Every job must
 end with exactly the rows of an uninterrupted run (by uid and content), or fail naming the shards.
 
-Faults fire inside Ray workers from functions the test hands to Ray, guarded by a marker file so
-that each fires exactly once and the test can see that it did. Those functions are defined inside
-other functions, so Ray pickles them by value (the workers cannot import this module), and they
-use only modules and capfilt. A killed process is SIGKILLed: no finally, no atexit, no flush.
+Faults fire inside Ray workers from functions the test hands to Ray (capfilt.testing.faults, or
+defined here inside a test), guarded by a marker file so that each fires exactly once and the test
+can see that it did. Functions defined inside functions are pickled by value, so the workers need
+not import this module. A killed process is SIGKILLed: no finally, no atexit, no flush.
 """
 
 from __future__ import annotations
@@ -14,17 +14,10 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -40,6 +33,18 @@ from capfilt.io.urllist import read_url_list
 from capfilt.pipeline.status import run_status
 from capfilt.stages.capfilt.driver import CapFiltConfig, read_candidates, read_cleaned, run_capfilt
 from capfilt.stages.download import DownloadConfig, download_shard, read_samples, run_download, screen_rows
+from capfilt.testing.faults import (
+    Gate,
+    OsFailingReplace,
+    download_always_failing,
+    download_killed_before_rename,
+    dying_actor,
+    kill_driver,
+    run_cli,
+    start_cli,
+    training_killed_at,
+    wait_for,
+)
 
 SHARD_SIZE = 30  # the session's world has 282 web rows (bad rows included): 10 download shards
 # The same download settings in process and on the command line, so their runs compare.
@@ -63,21 +68,9 @@ CLI_DOWNLOAD = [
 ]
 CLI_DOWNLOAD += ["--source", "shapes", "--allow-loopback"]
 CF = CapFiltConfig(k=2, max_length=12, min_length=5, batch_size=8, torch_threads=1, cpus_per_actor=0.5)
-DEADLINE_S = 240.0  # for anything polled: a busy 2-core machine starts Ray slowly
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _wait_for(
-    cond: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S, every: float = 0.2
-) -> None:
-    """Poll ``cond`` until it holds, or fail after ``deadline_s``."""
-    end = time.monotonic() + deadline_s
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"gave up after {deadline_s:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 def _sorted_rows(table: pa.Table, keys: tuple[str, ...] = ("uid",)) -> list[dict[str, Any]]:
@@ -99,158 +92,19 @@ def _same_capfilt(got: Path, want: Path) -> None:
     assert _sorted_rows(read_cleaned(got), keys) == _sorted_rows(read_cleaned(want), keys)
 
 
-class _Gate:
-    """A loopback HTTP front for the world server: answers with a redirect to the world's file,
-    at once for paths in ``open_paths`` and, for the others, only once ``release`` is set. With
-    it a test holds some shards mid-download for as long as it needs, without sleeping."""
-
-    def __init__(self, world_base: str) -> None:
-        self.world_base = world_base.rstrip("/")
-        self.open_paths: set[str] | None = None  # None: everything passes
-        self.release = threading.Event()
-        self.held = 0
-        gate = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.lstrip("/")
-                if gate.open_paths is not None and path not in gate.open_paths:
-                    gate.held += 1
-                    gate.release.wait(DEADLINE_S)
-                try:
-                    self.send_response(HTTPStatus.FOUND)
-                    self.send_header("Location", f"{gate.world_base}/{path}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                except OSError:  # the client was killed meanwhile
-                    pass
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 256
-
-            def handle_error(self, request: object, client_address: object) -> None:
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05})
-        self.thread.daemon = True
-        self.thread.start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
-    env |= {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return env
-
-
-def _cli(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m capfilt ARGS` in its own session (so its Ray processes can be found after it
-    is killed), output to ``log``."""
-    with open(log, "ab") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "capfilt", *args],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=_cli_env(),
-            start_new_session=True,
-        )
-
-
-# Ray gives a new local node's raylet a fixed 30 s to register; a loaded machine can miss it, and
-# `capfilt` then exits at start-up. Such a run is started again, as a user would.
-RAY_START_TIMEOUT = "The current node timed out during startup"
-
-
-def _log_since(log: Path, offset: int) -> str:
-    with open(log, "rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace")
-
-
-def _start_cli(args: list[str], log: Path, ready: Callable[[], bool]) -> subprocess.Popen[bytes]:
-    """Start `capfilt ARGS` and wait until ``ready()`` while it runs; returns the running process."""
-    for _ in range(3):
-        offset = log.stat().st_size if log.exists() else 0
-        proc = _cli(args, log)
-
-        def going(proc: subprocess.Popen[bytes] = proc) -> bool:
-            return ready() or proc.poll() is not None
-
-        _wait_for(going, f"capfilt {args[0]} to get going")
-        if proc.poll() is None:
-            return proc
-        if RAY_START_TIMEOUT not in _log_since(log, offset):
-            break
-    raise AssertionError(f"capfilt {args[0]} ended before the fault:\n{log.read_text()[-3000:]}")
-
-
-def _run_cli(args: list[str], log: Path) -> int:
-    """Run `capfilt ARGS` to its end; its exit code."""
-    for _ in range(3):
-        offset = log.stat().st_size if log.exists() else 0
-        rc = _cli(args, log).wait(timeout=DEADLINE_S * 2)
-        if rc == 0 or RAY_START_TIMEOUT not in _log_since(log, offset):
-            break
-    return rc
-
-
-def _kill_driver(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the driver alone. Ray's workers, raylet and GCS share its fate (PR_SET_PDEATHSIG):
-    wait until they are gone, so nothing of the killed run still writes shards. Ray's dashboard
-    and runtime-env agents outlive it by minutes; they run no tasks, and are killed here by pid."""
-    import psutil
-
-    started = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-
-    def alive(p: psutil.Process) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    def name(p: psutil.Process) -> str:
-        try:
-            return " ".join(p.cmdline())[:120]
-        except psutil.Error:
-            return "?"
-
-    agents = [p for p in started if "Agent" in name(p)]
-    workers = [p for p in started if p not in agents]
-    try:
-        _wait_for(lambda: not any(alive(p) for p in workers), "the killed driver's Ray processes to exit", 60)
-    finally:
-        for p in started:
-            if alive(p):
-                p.kill()
-        psutil.wait_procs(started, timeout=30)
-
-
 # ----------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
-def gate(served_world) -> Iterator[_Gate]:
+def gate(served_world) -> Iterator[Gate]:
     _, _, server = served_world
-    g = _Gate(server.base_url)  # type: ignore[attr-defined]
+    g = Gate(server.base_url)  # type: ignore[attr-defined]
     yield g
     g.close()
 
 
 @pytest.fixture(scope="module")
-def urls(served_world, gate: _Gate, tmp_path_factory) -> Path:
+def urls(served_world, gate: Gate, tmp_path_factory) -> Path:
     """The world's URL list, every URL through the gate (open unless a test closes it)."""
     from capfilt.world import write_url_list
 
@@ -277,36 +131,11 @@ def fault_dir(tmp_path: Path) -> Path:
 # ------------------------------------------------------------------ download: worker killed
 
 
-def _download_task_killed_before_rename(victim: int, marker: Path) -> Callable[..., dict[str, Any]]:
-    """A stand-in for download_shard, for Ray: on shard ``victim``'s first attempt the worker
-    fetches and encodes the whole shard, writes the shard's temp file, and is SIGKILLed just
-    before the rename. Other shards and later attempts are the real thing."""
-
-    def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
-        import os as os_
-
-        import capfilt.stages.download as dl
-
-        if shard == victim and attempt == 1:
-            real_replace = os_.replace
-
-            def replace(src: Any, dst: Any) -> None:
-                if str(dst).endswith(f"{victim:05d}.parquet"):
-                    marker.write_text(json.dumps({"pid": os_.getpid(), "tmp": str(src)}))
-                    os_.kill(os_.getpid(), signal.SIGKILL)
-                real_replace(src, dst)
-
-            os_.replace = replace  # this process dies with it
-        return dl.download_shard(shard, input_path, out_dir, cfg_json, attempt)
-
-    return task
-
-
 def test_download_worker_killed_mid_shard_is_retried_to_the_same_rows(
     ray_local, urls, reference, fault_dir, tmp_path, monkeypatch
 ):
     marker = fault_dir / "killed.json"
-    monkeypatch.setattr(D, "download_shard", _download_task_killed_before_rename(3, marker))
+    monkeypatch.setattr(D, "download_shard", download_killed_before_rename(3, marker))
     out = tmp_path / "download"
     summary = run_download(urls, out, DL, progress=False)
 
@@ -326,22 +155,11 @@ def test_download_worker_killed_mid_shard_is_retried_to_the_same_rows(
 # ------------------------------------------------------- download: a shard that always fails
 
 
-def _download_task_always_failing(victim: int) -> Callable[..., dict[str, Any]]:
-    def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
-        import capfilt.stages.download as dl
-
-        if shard == victim:
-            raise RuntimeError(f"injected fault: disk full on attempt {attempt}")
-        return dl.download_shard(shard, input_path, out_dir, cfg_json, attempt)
-
-    return task
-
-
 def test_a_shard_failing_every_attempt_within_the_budget_does_not_stop_the_job(
     ray_local, urls, reference, tmp_path, monkeypatch
 ):
     cfg = DL.model_copy(update={"max_attempts": 2, "failure_budget": 1})
-    monkeypatch.setattr(D, "download_shard", _download_task_always_failing(5))
+    monkeypatch.setattr(D, "download_shard", download_always_failing(5))
     out = tmp_path / "download"
     summary = run_download(urls, out, cfg, progress=False)
 
@@ -375,7 +193,7 @@ def test_shards_failing_beyond_the_budget_fail_the_job_naming_them(
     ray_local, urls, reference, tmp_path, monkeypatch
 ):
     cfg = DL.model_copy(update={"max_attempts": 2, "failure_budget": 0})
-    monkeypatch.setattr(D, "download_shard", _download_task_always_failing(2))
+    monkeypatch.setattr(D, "download_shard", download_always_failing(2))
     out = tmp_path / "download"
     with pytest.raises(StageFailed) as err:
         run_download(urls, out, cfg, progress=False)
@@ -390,24 +208,6 @@ def test_shards_failing_beyond_the_budget_fail_the_job_naming_them(
 
 
 # ------------------------------------------------------------ download: atomic shard files
-
-
-class _OsWithFailingReplace:
-    """``os`` for capfilt.core.shards with a replace that raises for a target path ending in
-    ``name``: a crash between a file's temp write and its rename, in this process."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.calls: list[str] = []
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(os, attr)
-
-    def replace(self, src: Any, dst: Any) -> None:
-        self.calls.append(Path(dst).name)
-        if str(dst).endswith(self.name):
-            raise OSError(f"injected crash before renaming {src} to {dst}")
-        os.replace(src, dst)
 
 
 def _shard_input(urls: Path, tmp_path: Path, shard: int) -> Path:
@@ -428,7 +228,7 @@ def test_a_crash_between_temp_write_and_rename_leaves_nothing_a_rerun_trusts(
     crash before either rename leaves no shard that counts as done, and the rerun rewrites it."""
     out = tmp_path / "download"
     inp = _shard_input(urls, tmp_path, 1)
-    shim = _OsWithFailingReplace(crash_at)
+    shim = OsFailingReplace(crash_at)
     monkeypatch.setattr(shards_mod, "os", shim)
     with pytest.raises(OSError, match="injected crash"):
         download_shard(1, str(inp), str(out), DL.model_dump_json())
@@ -459,18 +259,18 @@ def test_download_driver_killed_mid_stage_then_rerun_gives_the_same_rows(urls, r
     gate.release.clear()
     args = ["download", "--urls", str(urls), "--out", str(out), *CLI_DOWNLOAD]
     try:
-        proc = _start_cli(args, log, lambda: stats_path(out, 0).exists())
+        proc = start_cli(args, log, lambda: stats_path(out, 0).exists())
         try:
-            _wait_for(lambda: gate.held > 0, "a held request: shards in flight")
+            wait_for(lambda: gate.held > 0, "a held request: shards in flight")
         finally:
-            _kill_driver(proc)
+            kill_driver(proc)
     finally:
         gate.open_paths = None
         gate.release.set()
     assert done_shards(out) == {0}, "the driver died mid-stage"
     assert (out / INPUTS_DIR).is_dir() and not (out / "_summary.json").exists()
 
-    assert _run_cli(args, log) == 0, log.read_text()[-3000:]
+    assert run_cli(args, log)[0] == 0, log.read_text()[-3000:]
     summary = read_json(out / "_summary.json")
     assert summary["shards_skipped"] == 1
     assert summary["shards_written"] == len(done_shards(reference)) - 1
@@ -482,43 +282,9 @@ def test_download_driver_killed_mid_stage_then_rerun_gives_the_same_rows(urls, r
 
 
 @pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def models(small_world: Path, one_torch_thread, tmp_path_factory) -> dict[str, Path]:
-    """A tiny random MED (tokenizer trained on the world's captions), exported as a captioner and
-    as a filter; its ITM head shifted so the world's median pair scores 0.5 (keeps and drops)."""
-    from capfilt.core.text import pre_caption
-    from capfilt.model import create_med, get_config
-    from capfilt.model.interop import export_captioner, export_filter
-    from capfilt.model.tokenizer import TokenIds, train_wordpiece
-    from capfilt.stages.capfilt.driver import preprocess_batch, score_batch
-
-    root = tmp_path_factory.mktemp("fault-models")
-    web = pq.read_table(small_world / "web.parquet")
-    tok = train_wordpiece([pre_caption(c) for c in web.column("caption").to_pylist()], vocab_size=300)
-    ids = TokenIds.from_tokenizer(tok)
-    cfg = get_config("med-tiny").with_token_ids(ids)
-    torch.manual_seed(0)
-    med = create_med(cfg).eval()
-    first = web.slice(0, 32).to_pydict()
-    raw = {
-        "uid": np.asarray([str(i) for i in range(32)], dtype=object),
-        "text": np.asarray(first["caption"], dtype=object),
-        "image": np.asarray([(small_world / p).read_bytes() for p in first["path"]], dtype=object),
-    }
-    scores = score_batch(med, tok, preprocess_batch(raw, [64]), CF).column("itm_score").to_numpy()
-    with torch.no_grad():
-        med.itm_head.bias[1] -= float(np.nanmedian(np.log(scores / (1 - scores))))
-    return {
-        "captioner": export_captioner(med, root / "captioner", tok),
-        "filter": export_filter(med, root / "filter", tok),
-    }
+def models(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """The session's random med-tiny captioner and filter (conftest), ITM centred on the world."""
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -540,23 +306,6 @@ def capfilt_reference(ray_local, capfilt_data, models, tmp_path_factory) -> Path
     return out
 
 
-def _dying_actor(base: type, marker: Path, on_call: int) -> type:
-    """``base`` whose process SIGKILLs itself on its ``on_call``-th batch, once (marker file)."""
-
-    class Dying(base):  # type: ignore[misc, valid-type]
-        calls = 0
-
-        def __call__(self, batch: dict[str, Any]) -> Any:
-            type(self).calls += 1
-            if type(self).calls == on_call and not marker.exists():
-                marker.write_text(json.dumps({"pid": os.getpid(), "chunks": len(batch["chunk"])}))
-                os.kill(os.getpid(), signal.SIGKILL)
-            return super().__call__(batch)
-
-    Dying.__name__ = Dying.__qualname__ = base.__name__
-    return Dying
-
-
 def test_capfilt_actors_killed_mid_stage_are_restarted_to_the_same_rows(
     ray_local, capfilt_data, models, capfilt_reference, fault_dir, tmp_path, monkeypatch
 ):
@@ -564,8 +313,8 @@ def test_capfilt_actors_killed_mid_stage_are_restarted_to_the_same_rows(
     each once; Ray restarts them and retries the batch they held (Ray Data's defaults,
     max_restarts=-1 and max_task_retries=-1: see the next test)."""
     cap_marker, filt_marker = fault_dir / "captioner.json", fault_dir / "filter.json"
-    monkeypatch.setattr(C, "CaptionerActor", _dying_actor(C.CaptionerActor, cap_marker, 2))
-    monkeypatch.setattr(C, "FilterActor", _dying_actor(C.FilterActor, filt_marker, 3))
+    monkeypatch.setattr(C, "CaptionerActor", dying_actor(C.CaptionerActor, cap_marker, 2))
+    monkeypatch.setattr(C, "FilterActor", dying_actor(C.FilterActor, filt_marker, 3))
     out = tmp_path / "run"
     summary = run_capfilt(capfilt_data, out, models["captioner"], models["filter"], CF)
     assert cap_marker.exists() and filt_marker.exists(), "both faults fired"
@@ -610,31 +359,8 @@ def test_capfilt_actors_get_restarts_and_batch_retries_from_ray_data(
 # ----------------------------------------------------------------- training: worker killed
 
 
-def _training_worker_killed_at(step: int, marker: Path) -> Callable[[dict[str, Any]], Any]:
-    """train_loop_per_worker whose process is SIGKILLed right after optimizer step ``step``, once."""
-
-    def loop(config: dict[str, Any]) -> Any:
-        import os as os_
-
-        import capfilt.train.loop as T
-
-        real_step = T.train_step
-
-        def step_then_die(state: Any, *args: Any, **kwargs: Any) -> Any:
-            out = real_step(state, *args, **kwargs)
-            if state.step == step and not marker.exists():
-                marker.write_text(json.dumps({"pid": os_.getpid(), "step": state.step, "epoch": state.epoch}))
-                os_.kill(os_.getpid(), signal.SIGKILL)
-            return out
-
-        T.train_step = step_then_die
-        return T._WorkerLoop(config).run()
-
-    return loop
-
-
 def _train_config(data: Path, out: Path, **overrides: Any) -> Any:
-    from capfilt.train.loop import TrainConfig
+    from capfilt.train.config import TrainConfig
 
     base: dict[str, Any] = {
         "model": "med-tiny",
@@ -658,13 +384,13 @@ def _train_config(data: Path, out: Path, **overrides: Any) -> Any:
 def killed_training(ray_local, reference, tmp_path_factory) -> tuple[Any, Path, dict[str, Any]]:
     """8 steps on the reference download, checkpoints at 3 and 6, max_failures 1; the worker
     process is SIGKILLed after step 5, mid-epoch 0 (an epoch is about 30 steps)."""
-    import capfilt.train.loop as T
+    import capfilt.train.driver as TD
 
     root = tmp_path_factory.mktemp("fault-train")
     marker = root / "killed.json"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "train_loop_per_worker", _training_worker_killed_at(5, marker))
-        summary = T.run_training(_train_config(reference, root / "train"))
+        mp.setattr(TD, "train_loop_per_worker", training_killed_at(5, marker))
+        summary = TD.run_training(_train_config(reference, root / "train"))
     return summary, root / "train", json.loads(marker.read_text())
 
 
@@ -688,11 +414,12 @@ def test_training_killed_and_restarted_ends_where_an_uninterrupted_run_ends(
     from safetensors.torch import load_file
 
     import capfilt.train.loop as T
+    from capfilt.train.driver import run_training
 
     _, killed_out, _ = killed_training
     out = tmp_path / "train"
     cfg = _train_config(reference, out, tokenizer=str(killed_out / "tokenizer"), max_failures=0)
-    summary = T.run_training(cfg)
+    summary = run_training(cfg)
     assert summary.resumed_from_step is None and summary.steps == 8
     want = load_file(str(out / "train" / "checkpoint_00000008" / T.MODEL_FILE))
     got = load_file(str(killed_out / "train" / "checkpoint_00000008" / T.MODEL_FILE))
@@ -712,7 +439,7 @@ def test_capfilt_crash_before_a_rename_leaves_nothing_a_rerun_trusts(
     """The driver writes a shard's candidates, cleaned file, then stats; a crash before the
     cleaned file's rename leaves the shard not done, and the rerun redoes it."""
     out = tmp_path / "run"
-    shim = _OsWithFailingReplace("cleaned/00001.parquet")
+    shim = OsFailingReplace("cleaned/00001.parquet")
     monkeypatch.setattr(shards_mod, "os", shim)
     with pytest.raises(OSError, match="injected crash"):
         run_capfilt(capfilt_data, out, models["captioner"], models["filter"], CF)
@@ -737,11 +464,11 @@ def test_capfilt_driver_killed_mid_stage_then_rerun_gives_the_same_rows(
     args = ["capfilt", "--data", str(reference), "--out", str(out)]
     args += ["--captioner", str(models["captioner"]), "--filter", str(models["filter"])]
     args += ["--k", "2", "--max-length", "12", "--min-length", "5", "--batch-size", "8"]
-    _kill_driver(_start_cli(args, log, lambda: any((out / STATS_DIR).glob("*.json"))))
+    kill_driver(start_cli(args, log, lambda: any((out / STATS_DIR).glob("*.json"))))
     total = len(done_shards(reference))
     done = {p.stem for p in (out / STATS_DIR).glob("*.json")}
     assert 0 < len(done) < total, "the driver died mid-stage"
-    assert _run_cli(args, log) == 0, log.read_text()[-3000:]
+    assert run_cli(args, log)[0] == 0, log.read_text()[-3000:]
     summary = read_json(out / "_summary.json")
     assert summary["shards_skipped"] == len(done) and summary["shards_written"] == total - len(done)
     _same_capfilt(out, want)

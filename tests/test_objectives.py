@@ -7,7 +7,6 @@ import datetime
 import logging
 import math
 import socket
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -32,13 +31,7 @@ logger = logging.getLogger(__name__)
 CLS, SEP, PAD = 2, 3, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These models are tiny: one thread is faster than two, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 def micro_config() -> MedConfig:

@@ -26,17 +26,10 @@ from capfilt.model import MedConfig
 from capfilt.model.interop import load_med
 from capfilt.model.tokenizer import load_tokenizer
 from capfilt.model.transforms import decode_image, test_transform
-from capfilt.train.data import Collator, DataSource
-from capfilt.train.loop import (
-    MODEL_FILE,
-    TRAIN_STATE_FILE,
-    TrainConfig,
-    TrainSummary,
-    build_state,
-    learning_rate,
-    restore_checkpoint,
-    run_training,
-)
+from capfilt.train.config import DataSource, TrainConfig
+from capfilt.train.data import Collator
+from capfilt.train.driver import TrainSummary, run_training
+from capfilt.train.loop import MODEL_FILE, TRAIN_STATE_FILE, build_state, learning_rate, restore_checkpoint
 from capfilt.world import WorldConfig, check_caption, load_world, make_world
 
 STEPS = 200  # the planned length of the resume runs (their schedule), which stop far earlier
@@ -170,7 +163,7 @@ def test_pretraining_lowers_every_loss(learn_run: tuple[TrainSummary, Path]) -> 
     ITM's negatives are uniform here (itm_hardness 0). With BLIP's ITC-hard negatives from the
     first step the same run ended at ITM 0.650 -> 0.637, the 1:2 class prior: the negatives get
     harder exactly as ITC learns, faster than an ITM head trained from scratch can follow
-    (benchmarks/results/itm_hardness.json)."""
+    (experiments/results/itm_hardness.json)."""
     summary, _ = learn_run
     assert summary.steps == LEARN_STEPS
     history, first = summary.history, summary.first_losses

@@ -13,7 +13,8 @@ from capfilt.core.errors import ConfigError
 from capfilt.model.config import get_config
 from capfilt.pipeline.recipe import load_recipe
 from capfilt.stages.vit import VIT_FILE, VitInitConfig, train_vit_classifier
-from capfilt.train.loop import TrainConfig, build_med
+from capfilt.train.config import TrainConfig
+from capfilt.train.loop import build_med
 
 
 def test_classifier_trains_and_starts_the_pretraining_vit(

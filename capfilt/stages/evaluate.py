@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from capfilt.core.stage import Section, Stage, StageContext, StageStatus, human
-from capfilt.eval.metrics import EvalConfig
+from capfilt.eval.config import EvalConfig
 from capfilt.stages import registry
 
 log = logging.getLogger(__name__)
@@ -72,15 +72,10 @@ class EvaluateStage(Stage):
 
 def evaluate_run(run: Any, d: Path) -> dict[str, Any]:
     """Both rounds zero-shot on the test split, CapFilt's quality against the world, the report."""
-    from capfilt.eval.metrics import (
-        evaluate_capfilt,
-        evaluate_model,
-        label_candidates,
-        load_split,
-        load_world_test_split,
-        write_results,
-    )
+    from capfilt.eval.evaluate import evaluate_model, write_results
+    from capfilt.eval.quality import evaluate_capfilt, label_candidates
     from capfilt.eval.report import write_report
+    from capfilt.eval.split import load_split, load_world_test_split
     from capfilt.model.interop import load_checkpoint
     from capfilt.model.tokenizer import load_tokenizer
     from capfilt.stages.capfilt.driver import read_candidates

@@ -25,7 +25,7 @@ def train(
     ctx: StageContext, section: TrainSection, data: list[Any], out: Path, run_name: str, **fixed: Any
 ) -> dict[str, Any]:
     """Run one training section into `out` (resuming a run that stopped there) and return its summary."""
-    from capfilt.train.loop import run_training
+    from capfilt.train.driver import run_training
 
     cfg = section.for_run(data, str(out), run_name=run_name, **fixed)
     summary = run_training(cfg, ray_address=ctx.recipe.ray_address, resume=(out / TRAIN_CONFIG).exists())

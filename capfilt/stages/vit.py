@@ -13,7 +13,7 @@ classify the shape of rendered one-object scenes, saved as a timm state dict tha
   Colour, size, counts and relations are left to image-text pretraining.
 - Why it is needed, measured: trained from scratch for the demo's 900 steps, ITC and LM do not
   teach med-tiny's ViT shape, while a 3-way classifier on the same ViT learns it in about 500 steps
-  (``benchmarks/shape_learning.py``).
+  (``experiments/shape_learning.py``).
 """
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict
 
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
 from capfilt.core.text import pre_caption
+from capfilt.train.config import DataSource
 
 if TYPE_CHECKING:
     import ray.data
@@ -75,23 +75,6 @@ def _mark_fsspec_http_absent() -> None:
 
 
 _mark_fsspec_http_absent()
-
-
-class DataSource(BaseModel):
-    """One input of a training run.
-
-    ``path`` is a download folder (SAMPLE shards: only rows with status success are read), a
-    CapFilt output folder (CLEANED shards, images included), or a COCO-Karpathy JSON file
-    (``[{"image": relative path, "caption": str or [str], "image_id": ...}]``) whose image paths
-    are relative to ``image_root`` (default: the JSON's folder). ``kind="auto"`` tells them apart
-    by the file suffix and the shards' columns.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-    kind: Literal["auto", "samples", "cleaned", "karpathy"] = "auto"
-    image_root: str | None = None
 
 
 @dataclass(frozen=True)

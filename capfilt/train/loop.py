@@ -1,14 +1,10 @@
-"""The one training loop (pretraining, captioner and filter fine-tunes are configs of it) on Ray Train.
+"""The training loop itself: learning-rate schedule, training state and its checkpoint, one optimizer
+step, and the per-worker loop Ray Train runs (``train_loop_per_worker``); ``capfilt.train.driver``
+launches it.
 
-Layout, top to bottom: the config; the learning-rate schedule; the training state and its
-checkpoint (plain functions, usable without Ray); one optimizer step; the per-worker loop that
-Ray Train runs; the driver (`run_training`) that prepares the tokenizer and model config once,
-launches TorchTrainer and writes the final model.
-
-A run folder (``out_dir``) holds ``train_config.json``, ``tokenizer/``, Ray's run folder
-``<run_name>/checkpoint_<step>/`` (model + objective state in safetensors, optimizer and RNG
-state via ``torch.save``), and at the end ``model/`` (``save_med`` + tokenizer) and
-``train_summary.json``.
+A checkpoint folder ``<run_name>/checkpoint_<step>/`` holds the model and objective state in
+safetensors, and the optimizer, step, schedule and every rank's RNG state and data position via
+``torch.save``.
 """
 
 from __future__ import annotations
@@ -17,51 +13,38 @@ import json
 import logging
 import math
 import random
-import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from capfilt.core.errors import ConfigError, StageFailed
-from capfilt.core.layout import TRAIN_CONFIG, TRAIN_SUMMARY
-from capfilt.model import MedConfig, get_config
+from capfilt.model import MedConfig
 from capfilt.model.med import Med
 from capfilt.model.objectives import MedObjectives, ObjectiveConfig
-from capfilt.model.tokenizer import TokenIds, load_tokenizer, train_wordpiece
-from capfilt.train.data import (
-    Collator,
-    DataSource,
-    SkipCounts,
-    TrainBatch,
-    count_pairs,
-    fixed_batches,
-    iter_texts,
-    pairs_dataset,
-    resolve_sources,
-)
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from capfilt.model.tokenizer import load_tokenizer
+from capfilt.train.config import TrainConfig
+from capfilt.train.data import Collator, SkipCounts, TrainBatch, fixed_batches
 
 __all__ = [
+    "LOSS_KEYS",
+    "MODEL_FILE",
+    "TRAIN_STATE_FILE",
     "TrainConfig",
     "TrainState",
-    "TrainSummary",
+    "build_med",
     "build_state",
     "learning_rate",
     "load_trained_med",
     "restore_checkpoint",
-    "run_training",
     "save_checkpoint",
     "train_loop_per_worker",
     "train_step",
@@ -76,121 +59,7 @@ MED_FILE = "med.json"  # Med config and heads, to rebuild the model without the 
 OBJECTIVES_FILE = "objectives.json"
 WORKER_FILE = "worker_{rank:03d}.pt"  # this rank's RNG states, data position, skip counts
 
-CONFIG_FILE = TRAIN_CONFIG
-SUMMARY_FILE = TRAIN_SUMMARY
-TOKENIZER_DIR = "tokenizer"
-MODEL_DIR = "model"
-
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
-
-
-class TrainConfig(BaseModel):
-    """Everything one training run needs. Defaults are BLIP's pretraining values where BLIP has one;
-    the captioner fine-tune sets ``objectives`` to LM only with ``prompt="a picture of "``, the
-    filter fine-tune sets ITC+ITM with ``positives="image_id"``; both ``schedule="cosine"``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # What to train.
-    model: str = "med-tiny"  # registry name or MedConfig JSON path; the architecture of a .pth init
-    init: str | None = None  # capfilt dir (save_med), transformers dir, or BLIP .pth to start from
-    # A timm ViT checkpoint for the image encoder of a model built fresh (BLIP: DeiT-base ImageNet
-    # weights for ViT-B); the text side keeps its init. Not with ``init``, which sets every weight.
-    vision_init: str | None = None
-    tokenizer: str | None = None  # tokenizer dir; default: the init dir's, else WordPiece trained here
-    tokenizer_vocab_size: int | None = Field(None, ge=64)  # WordPiece bound; default: the model's vocab
-    objectives: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
-    prompt: str | None = None  # prepended to every text and masked from the LM loss
-
-    # Data and output.
-    data: list[DataSource] = Field(min_length=1)
-    out_dir: str
-    run_name: str = "train"
-
-    # Steps and schedule.
-    batch_size: int = Field(16, ge=1)  # per worker
-    steps: int | None = Field(None, ge=1)  # total optimizer steps
-    epochs: int | None = Field(None, ge=1)
-    stop_at_step: int | None = Field(None, ge=1)  # end this run early with a checkpoint; resume goes on
-    lr: float = Field(3e-4, gt=0)
-    min_lr: float = Field(1e-6, ge=0)
-    warmup_lr: float = Field(1e-6, ge=0)
-    warmup_steps: int = Field(3000, ge=0)
-    decay_rate: float = Field(0.9, gt=0, le=1)  # per epoch, for step_decay
-    schedule: Literal["step_decay", "cosine"] = "step_decay"
-    weight_decay: float = Field(0.05, ge=0)
-    grad_clip: float | None = Field(None, gt=0)
-
-    # Inputs.
-    image_size: int | None = Field(None, ge=16)  # default: the model's; else its position table is resized
-    min_scale: float = Field(0.2, gt=0, le=1)  # RandomResizedCrop; BLIP: 0.2 pretrain, 0.5 fine-tune
-    max_words: int = Field(30, ge=1)
-    max_length: int = Field(30, ge=4)  # text tokens, [CLS] and [SEP] included
-    shuffle_buffer: int = Field(1000, ge=0)  # rows; 0 reads in file order
-    preserve_order: bool = True  # deterministic data order (exact resume); off for throughput on clusters
-    seed: int = 0
-
-    # Hardware.
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)  # fractional on small machines so read tasks get CPU too
-    # None: on the embedded local instance, the machine's cores / num_workers; on a cluster, what
-    # Ray gives a worker (OMP_NUM_THREADS = its CPU reservation).
-    torch_threads: int | None = Field(None, ge=1)
-    bf16: bool = True  # autocast on GPU only
-    grad_checkpointing: bool = False
-
-    # Bookkeeping.
-    checkpoint_every: int = Field(1000, ge=1)
-    keep_checkpoints: int | None = Field(2, ge=1)  # None keeps all
-    log_every: int = Field(50, ge=1)
-    max_failures: int = Field(0, ge=-1)  # worker failures Ray Train recovers from (from the last checkpoint)
-
-    @field_validator("data", mode="before")
-    @classmethod
-    def _paths_to_sources(cls, v: Any) -> Any:
-        items = v if isinstance(v, list | tuple) else [v]
-        return [DataSource(path=str(x)) if isinstance(x, str | Path) else x for x in items]
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.steps is None and self.epochs is None:
-            raise ValueError("give steps or epochs (or both: training stops at whichever comes first)")
-        if self.steps is not None and self.warmup_steps >= self.steps:
-            raise ValueError(
-                f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps}); lower warmup_steps"
-            )
-        o = self.objectives
-        if o.itc <= 0 and o.itm <= 0 and o.lm <= 0:
-            raise ValueError("every objective weight is 0: enable at least one of itc, itm, lm")
-        if self.init and self.vision_init:
-            raise ValueError(
-                "vision_init: init already sets every weight, the ViT's included; give one of the two"
-            )
-        return self
-
-    def trained_heads(self) -> frozenset[str]:
-        o = self.objectives
-        return frozenset(h for h, w in (("itc", o.itc), ("itm", o.itm), ("lm", o.lm)) if w > 0)
-
-
-# Fields a resumed run may change without changing the curve it continues.
-_RESUME_MAY_CHANGE = frozenset(
-    {
-        "steps",
-        "epochs",
-        "stop_at_step",
-        "log_every",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "max_failures",
-        "torch_threads",
-        "out_dir",
-        "num_workers",
-        "cpus_per_worker",
-        "use_gpu",
-    }
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,260 +539,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's per-worker function; ``config`` is what ``run_training`` prepared. Returns the
     run summary on rank 0 (``Result.return_value``)."""
     return _WorkerLoop(config).run()
-
-
-# ---------------------------------------------------------------------------------------------
-# The driver.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainSummary:
-    """What a run did, for the CLI and for callers (``first``/``final`` are log-window means)."""
-
-    steps: int
-    total_steps: int | None
-    epochs: int
-    samples: int  # trained on by this run (resumed runs count their own)
-    wall_s: float
-    samples_per_s: float  # over the whole run, start-up included
-    steady_samples_per_s: float | None  # median of this run's log windows after its first
-    first_losses: dict[str, float]
-    final_losses: dict[str, float]
-    history: list[dict[str, float]]
-    skipped: dict[str, int]  # undecodable / empty_text (read and skipped), plus status -> rows not read
-    checkpoint: str
-    model_dir: str
-    tokenizer_dir: str
-    world_size: int
-    resumed_from_step: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def lines(self) -> list[str]:
-        def losses(d: dict[str, float]) -> str:
-            return ", ".join(f"{k} {d[k]:.4f}" for k in LOSS_KEYS if k in d) or "n/a"
-
-        target = f" of {self.total_steps}" if self.total_steps else ""
-        resumed = f" (resumed at {self.resumed_from_step})" if self.resumed_from_step is not None else ""
-        return [
-            f"steps:          {self.steps}{target}{resumed}, {self.epochs} epoch(s) done",
-            f"workers:        {self.world_size}",
-            f"samples/s:      {self.samples_per_s:.1f} ({self.samples} samples in {self.wall_s:.1f} s)"
-            + (f", {self.steady_samples_per_s:.1f} after warm-up" if self.steady_samples_per_s else ""),
-            f"first losses:   {losses(self.first_losses)}",
-            f"final losses:   {losses(self.final_losses)}",
-            "skipped rows:   " + (", ".join(f"{k} {v}" for k, v in self.skipped.items() if v) or "none"),
-            f"checkpoint:     {self.checkpoint}",
-            f"model:          {self.model_dir}",
-        ]
-
-
-def _losses(entry: dict[str, float] | None) -> dict[str, float]:
-    return {k: v for k, v in (entry or {}).items() if k.startswith("loss")}
-
-
-def _check_resume(out: Path, cfg: TrainConfig, resume: bool) -> None:
-    saved_path = out / CONFIG_FILE
-    if not resume:
-        if saved_path.exists() or (out / cfg.run_name).exists():
-            raise ConfigError(
-                f"{out} already holds a training run; pass resume (--resume) to continue it, or a new out_dir"
-            )
-        return
-    if not saved_path.exists():
-        raise ConfigError(
-            f"nothing to resume in {out}: it has no {CONFIG_FILE}; drop --resume to start a run"
-        )
-    saved = json.loads(saved_path.read_text())
-    now = json.loads(cfg.model_dump_json())
-    differ = sorted(k for k in now if k not in _RESUME_MAY_CHANGE and saved.get(k) != now[k])
-    if differ:
-        raise ConfigError(
-            f"cannot resume {out} with a different {', '.join(differ)} (saved: "
-            + ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
-            + "); resume with the saved values or start a new out_dir"
-        )
-
-
-def _prepare_tokenizer(
-    cfg: TrainConfig, sources: list[Any], out: Path, model_vocab: int
-) -> PreTrainedTokenizerBase:
-    """The run's tokenizer, saved once under out/tokenizer: reused on resume (WordPiece training is
-    not reproducible), else the given one, the init checkpoint's, or a WordPiece trained on the data."""
-    tok_dir = out / TOKENIZER_DIR
-    if tok_dir.is_dir():
-        return load_tokenizer(tok_dir)
-    given = cfg.tokenizer
-    if given is None and cfg.init and (Path(cfg.init) / "tokenizer_config.json").is_file():
-        given = cfg.init
-    if given is not None:
-        tokenizer = load_tokenizer(given)
-        tokenizer.save_pretrained(str(tok_dir))
-        return tokenizer
-    if cfg.init:
-        raise ConfigError(
-            f"init {cfg.init} has no tokenizer beside it; pass tokenizer= the folder it was trained with"
-        )
-    texts = iter_texts(sources, cfg.max_words)
-    if cfg.prompt:
-        texts = _chain([cfg.prompt], texts)
-    logger.info("training a WordPiece tokenizer on the training texts")
-    return train_wordpiece(texts, vocab_size=cfg.tokenizer_vocab_size or model_vocab, out_dir=tok_dir)
-
-
-def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
-    yield from first
-    yield from rest
-
-
-def _prepare_model_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> MedConfig:
-    ids = TokenIds.from_tokenizer(tokenizer)
-    if cfg.init:
-        from capfilt.model.interop import load_checkpoint
-
-        med = load_checkpoint(cfg.init, cfg.model, enc_token_id=ids.enc)  # fail now, not in a worker
-        t = med.config.text
-        if t.vocab_size != ids.vocab_size or (t.dec_token_id, t.enc_token_id) != (ids.bos, ids.enc):
-            raise ConfigError(
-                f"init {cfg.init} has vocab {t.vocab_size} with [DEC]={t.dec_token_id} [ENC]={t.enc_token_id}, "
-                f"the tokenizer {ids.vocab_size} with [DEC]={ids.bos} [ENC]={ids.enc}; pass the tokenizer "
-                "the checkpoint was trained with"
-            )
-        return med.config
-    return get_config(cfg.model).with_token_ids(ids)
-
-
-def plan_steps(cfg: TrainConfig, usable_rows: int, world: int) -> int | None:
-    """The run's length in optimizer steps: ``steps``, or ``epochs`` worth of full global batches
-    (an estimate: rows that do not decode shorten an epoch)."""
-    per_epoch = usable_rows // (cfg.batch_size * world)
-    if per_epoch == 0:
-        raise ConfigError(
-            f"{usable_rows} usable rows make no full global batch of {cfg.batch_size} x {world} workers; "
-            "lower batch_size or num_workers"
-        )
-    by_epochs = cfg.epochs * per_epoch if cfg.epochs else None
-    if cfg.steps is None:
-        return by_epochs
-    return min(cfg.steps, by_epochs) if by_epochs else cfg.steps
-
-
-def _check_queue(cfg: TrainConfig, med_config: MedConfig) -> None:
-    if cfg.objectives.itc <= 0:
-        return
-    queue = cfg.objectives.queue_size if cfg.objectives.queue_size is not None else med_config.queue_size
-    global_batch = cfg.batch_size * cfg.num_workers
-    if queue and queue % global_batch:
-        raise ConfigError(
-            f"the ITC queue ({queue}) must be a multiple of the global batch ({cfg.batch_size} x "
-            f"{cfg.num_workers} workers = {global_batch}), as in BLIP; change batch_size or objectives.queue_size"
-        )
-
-
-def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool = False) -> TrainSummary:
-    """Train on Ray Train and write the run folder (see the module docstring).
-
-    ``resume=True`` continues the run in ``cfg.out_dir`` from its latest checkpoint (same config
-    except the fields in ``_RESUME_MAY_CHANGE``); without it an existing run is an error.
-    """
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from capfilt.core.cluster import ensure_ray, local_threads_per_worker
-    from capfilt.model.interop import save_med
-
-    out = Path(cfg.out_dir).resolve()
-    if cfg.vision_init and Path(cfg.vision_init).exists():
-        # Workers do not run in the driver's folder: give them an absolute path.
-        cfg = cfg.model_copy(update={"vision_init": str(Path(cfg.vision_init).resolve())})
-    _check_resume(out, cfg, resume)
-    sources = resolve_sources(cfg.data)
-    counts = count_pairs(sources)
-    total_steps = plan_steps(cfg, counts.usable, cfg.num_workers)
-    out.mkdir(parents=True, exist_ok=True)
-    base_config = get_config(cfg.model) if not cfg.init else None
-    tokenizer = _prepare_tokenizer(cfg, sources, out, base_config.text.vocab_size if base_config else 0)
-    med_config = _prepare_model_config(cfg, tokenizer)
-    _check_queue(cfg, med_config)
-    (out / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
-    logger.info(
-        "training %s on %d rows (%s not downloaded) for %s steps with %d worker(s)",
-        med_config.name,
-        counts.usable,
-        sum(counts.not_downloaded.values()),
-        total_steps,
-        cfg.num_workers,
-    )
-
-    ensure_ray(ray_address)
-    threads = cfg.torch_threads or (None if cfg.use_gpu else local_threads_per_worker(cfg.num_workers))
-    if threads:
-        logger.info("%d torch thread(s) per worker", threads)
-    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        cast(Any, train_loop_per_worker),  # its return value is Result.return_value (Train V2)
-        train_loop_config={
-            "train": json.loads(cfg.model_dump_json()),
-            "med_config": med_config.model_dump(),
-            "tokenizer_dir": str(out / TOKENIZER_DIR),
-            "total_steps": total_steps,
-            "torch_threads": threads,
-            "log_level": logging.getLogger("capfilt").getEffectiveLevel(),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=str(out),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets={"train": pairs_dataset(sources, cfg.seed)},
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=cfg.preserve_order)),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as err:  # Ray wraps the worker's exception; say which run failed and how to go on
-        raise StageFailed(
-            f"training in {out} failed: {type(err).__name__}: {err}. Fix the cause and rerun with resume "
-            "to continue from the last checkpoint"
-        ) from err
-    if result.error is not None:
-        raise StageFailed(f"training in {out} failed: {result.error}")
-    rv: dict[str, Any] | None = getattr(result, "return_value", None)
-    if result.checkpoint is None or rv is None:
-        raise StageFailed(f"training in {out} ended without a checkpoint or summary")
-
-    with result.checkpoint.as_directory() as ckpt_dir:
-        med = load_trained_med(ckpt_dir)
-    model_dir = out / MODEL_DIR
-    save_med(med, model_dir)
-    tokenizer.save_pretrained(str(model_dir))
-    history = rv["history"]
-    this_run = [h["samples_per_s"] for h in history if h["step"] > (rv["resumed_from_step"] or 0)]
-    summary = TrainSummary(
-        steps=rv["steps"],
-        total_steps=total_steps,
-        epochs=rv["epoch"],
-        samples=rv["samples"],
-        wall_s=rv["wall_s"],
-        samples_per_s=rv["samples"] / max(rv["wall_s"], 1e-9),
-        steady_samples_per_s=statistics.median(this_run[1:]) if len(this_run) > 1 else None,
-        first_losses=_losses(history[0] if history else None),
-        final_losses=_losses(history[-1] if history else None),
-        history=history,
-        skipped={**rv["skipped"], **counts.not_downloaded},
-        checkpoint=str(result.checkpoint.path),
-        model_dir=str(model_dir),
-        tokenizer_dir=str(out / TOKENIZER_DIR),
-        world_size=rv["world_size"],
-        resumed_from_step=rv["resumed_from_step"],
-    )
-    (out / SUMMARY_FILE).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
-    return summary

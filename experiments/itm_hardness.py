@@ -16,7 +16,7 @@ pairs only, ITC + ITM, positives by image id) from two of the pretrained models 
 uniform negatives. The pretrain variants run 600 steps, the two saved for the fine-tunes 900 (the
 demo's length).
 
-    python benchmarks/itm_hardness.py --run runs/demo --out benchmarks/results/itm_hardness.json
+    python experiments/itm_hardness.py --run runs/demo --out experiments/results/itm_hardness.json
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from capfilt.eval.metrics import roc_auc
+from capfilt.eval.quality import roc_auc
 from capfilt.model.interop import load_med
 from capfilt.model.tokenizer import load_tokenizer
 from capfilt.model.transforms import decode_image, test_transform
+from capfilt.train.config import TrainConfig
 from capfilt.train.data import Collator, TrainBatch
-from capfilt.train.loop import TrainConfig, build_state, train_step
+from capfilt.train.loop import build_state, train_step
 from capfilt.world import check_caption, load_world
 
 log = logging.getLogger("itm_hardness")
@@ -79,7 +80,7 @@ VARIANTS: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [
 
 
 def auc(pos: Any, neg: Any) -> float:
-    """ROC-AUC of positives' scores against negatives' (capfilt.eval.metrics.roc_auc)."""
+    """ROC-AUC of positives' scores against negatives' (capfilt.eval.quality.roc_auc)."""
     pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
     return roc_auc(np.r_[pos, neg], np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)])
 
@@ -230,7 +231,7 @@ def run_variant(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished demo run folder")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/itm_hardness.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "itm_hardness.json")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

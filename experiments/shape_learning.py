@@ -13,7 +13,7 @@ Two parts, both in-process (no Ray), batch 32, AdamW with the demo's lr 5e-4 and
     so half the in-batch negatives differ only in shape;
   - ``lm``: the captioning loss on the same texts (image-grounded decoder).
 - ``pretrain``: round-1 pretraining of the demo (web + human rows of a finished run, ITC + ITM +
-  LM, ``benchmarks/itm_hardness.py``'s loop) with one change per variant: the demo's settings,
+  LM, ``experiments/itm_hardness.py``'s loop) with one change per variant: the demo's settings,
   lr 1e-3, the ViT's lr x3, ITM negatives of hardness 0.5, LM only, ITC only; and the demo's fix,
   the ViT started from the 'vit' stage's shape classifier (capfilt/vitinit.py, 900 steps).
 
@@ -22,10 +22,10 @@ linear probe (multinomial logistic regression on 900, accuracy on 300) of shape 
 feature, and for pretraining variants also the ITC/ITM shape accuracy of ``attributes.py``.
 Chance is 1/3. A random, untrained ViT gives the probe's floor.
 
-    python benchmarks/shape_learning.py --part probe
-    python benchmarks/shape_learning.py --part pretrain --run runs/demo [--only base lr_1e-3]
+    python experiments/shape_learning.py --part probe
+    python experiments/shape_learning.py --part pretrain --run runs/demo [--only base lr_1e-3]
 
-Results are merged into benchmarks/results/shape_learning.json (one entry per variant).
+Results are merged into experiments/results/shape_learning.json (one entry per variant).
 """
 
 from __future__ import annotations
@@ -223,8 +223,9 @@ def run_probe_variant(name: str, steps: int, every: int, probe: Probe, run: Path
 def run_pretrain_variant(name: str, steps: int, every: int, probe: Probe, data: Any) -> dict[str, Any]:
     from itm_hardness import batches
 
+    from capfilt.train.config import TrainConfig
     from capfilt.train.data import Collator
-    from capfilt.train.loop import TrainConfig, build_state, train_step
+    from capfilt.train.loop import build_state, train_step
 
     objectives, opts = PRETRAIN_VARIANTS[name]
     lr = opts.get("lr", LR)

@@ -1,7 +1,7 @@
 """Which attributes of a shape the models of a demo run can see: colour, shape and size, judged by
 the world's ground truth on freshly rendered one-object scenes.
 
-Run as `python benchmarks/attributes.py --run runs/demo [--run DIR ...]` inside the project's
+Run as `python experiments/attributes.py --run runs/demo [--run DIR ...]` inside the project's
 .venv, after `make demo` (or `benchmarks/round.py --work DIR`). For every model a run folder holds
 (round 1 `pretrain/model`, the fine-tuned `finetune/filter/model` and `finetune/captioner/model`,
 round 2 `pretrain2/model`) it renders the same N scenes of one object, then:
@@ -14,7 +14,7 @@ round 2 `pretrain2/model`) it renders the same N scenes of one object, then:
 
 This is the measurement behind issue 5's "why the gain is limited": a model that cannot tell a
 circle from a square writes captions with the wrong shape, and a filter with the same blind spot
-cannot reject them. Results go to benchmarks/results/attributes.json, one entry per run folder.
+cannot reject them. Results go to experiments/results/attributes.json, one entry per run folder.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def matching_accuracy(med: Any, tokenizer: Any, images: Any, objs: list[Any]) ->
 
 
 def caption_accuracy(med: Any, tokenizer: Any, pil_images: list[Any], scenes: list[Any]) -> dict[str, Any]:
-    from capfilt.eval.metrics import EvalConfig, generate_captions
+    from capfilt.eval.captioning import generate_captions
+    from capfilt.eval.config import EvalConfig
     from capfilt.world.checker import check_caption, tokenize
 
     captions = generate_captions(med, tokenizer, pil_images, EvalConfig(device="cpu"))
