@@ -72,7 +72,7 @@ def make_inputs(root: Path, n_images: int, image_size: int, shard_size: int) -> 
     from capfilt.core import schema as S
     from capfilt.core.text import pre_caption
     from capfilt.model import create_med, get_config
-    from capfilt.model.interop import export_captioner, export_filter
+    from capfilt.model.hf import export_captioner, export_filter
     from capfilt.model.tokenizer import TokenIds, train_wordpiece
     from capfilt.world import WorldConfig, make_world
 

@@ -391,7 +391,7 @@ def tiny_models(world: Path, root: Path) -> dict[str, Path]:
 
     from capfilt.core.text import pre_caption
     from capfilt.model import create_med, get_config
-    from capfilt.model.interop import export_captioner, export_filter
+    from capfilt.model.hf import export_captioner, export_filter
     from capfilt.model.tokenizer import TokenIds, train_wordpiece
     from capfilt.stages.capfilt.driver import CapFiltConfig, preprocess_batch, score_batch
 

@@ -22,7 +22,7 @@ from capfilt.core.errors import ConfigError
 from capfilt.core.shards import STATS_DIR
 from capfilt.core.text import pre_caption
 from capfilt.model import create_med, get_config
-from capfilt.model.interop import export_captioner, export_filter
+from capfilt.model.hf import export_captioner, export_filter
 from capfilt.model.tokenizer import TokenIds, load_tokenizer, tokenize, train_wordpiece
 from capfilt.model.transforms import decode_image, test_transform
 from capfilt.stages.capfilt.driver import (

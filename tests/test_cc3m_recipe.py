@@ -23,7 +23,8 @@ from capfilt.core.errors import ConfigError
 from capfilt.core.logs import ContextFilter
 from capfilt.core.text import pre_caption
 from capfilt.model import create_med, get_config
-from capfilt.model.interop import export_captioner, export_filter, load_blip_pth
+from capfilt.model.blip_pth import load_blip_pth
+from capfilt.model.hf import export_captioner, export_filter
 from capfilt.model.tokenizer import TokenIds, train_wordpiece
 from capfilt.pipeline.recipe import Recipe, load_recipe
 from capfilt.pipeline.status import DONE, run_status

@@ -495,7 +495,7 @@ def models(small_world: Path, one_torch_thread, tmp_path_factory) -> dict[str, P
     as a filter; its ITM head shifted so the world's median pair scores 0.5 (keeps and drops)."""
     from capfilt.core.text import pre_caption
     from capfilt.model import create_med, get_config
-    from capfilt.model.interop import export_captioner, export_filter
+    from capfilt.model.hf import export_captioner, export_filter
     from capfilt.model.tokenizer import TokenIds, train_wordpiece
     from capfilt.stages.capfilt.driver import preprocess_batch, score_batch
 

@@ -249,7 +249,7 @@ def build_med(cfg: TrainConfig, med_config: MedConfig) -> Med:
     from ``vision_init`` when given); at
     ``cfg.image_size``, with the heads it will have once trained."""
     if cfg.init:
-        from capfilt.model.interop import load_checkpoint
+        from capfilt.model.checkpoint import load_checkpoint
 
         med = load_checkpoint(cfg.init, cfg.model, enc_token_id=med_config.text.enc_token_id)
         med.heads = med.heads | cfg.trained_heads()
@@ -257,7 +257,7 @@ def build_med(cfg: TrainConfig, med_config: MedConfig) -> Med:
         med = Med(med_config)
         med.heads = cfg.trained_heads()
         if cfg.vision_init:
-            from capfilt.model.interop import init_vision_from_timm
+            from capfilt.model.backbones import init_vision_from_timm
 
             init_vision_from_timm(med, cfg.vision_init)
     if cfg.image_size and cfg.image_size != med.config.vision.image_size:
@@ -781,7 +781,7 @@ def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
 def _prepare_model_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> MedConfig:
     ids = TokenIds.from_tokenizer(tokenizer)
     if cfg.init:
-        from capfilt.model.interop import load_checkpoint
+        from capfilt.model.checkpoint import load_checkpoint
 
         med = load_checkpoint(cfg.init, cfg.model, enc_token_id=ids.enc)  # fail now, not in a worker
         t = med.config.text
@@ -833,7 +833,7 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
     from ray.train.torch import TorchTrainer
 
     from capfilt.core.cluster import ensure_ray, local_threads_per_worker
-    from capfilt.model.interop import save_med
+    from capfilt.model.checkpoint import save_med
 
     out = Path(cfg.out_dir).resolve()
     if cfg.vision_init and Path(cfg.vision_init).exists():

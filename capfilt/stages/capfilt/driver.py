@@ -210,7 +210,8 @@ def _read_med_config(path: Path, arch: str | None, role: str) -> MedConfig:
     from transformers import BlipConfig
 
     from capfilt.model.config import MedConfig, get_config
-    from capfilt.model.interop import MED_META, med_config_from_blip
+    from capfilt.model.checkpoint import MED_META
+    from capfilt.model.hf import med_config_from_blip
 
     want = {
         "captioner": ("lm", "BlipForConditionalGeneration"),
@@ -291,7 +292,7 @@ def load_model(ref: ModelRef, role: Literal["captioner", "filter"], cfg: CapFilt
     """Load a checkpoint for inference on the worker's device, in ``cfg.dtype``, in eval mode."""
     import torch
 
-    from capfilt.model.interop import load_checkpoint
+    from capfilt.model.checkpoint import load_checkpoint
 
     med = load_checkpoint(ref.path, ref.arch)
     med.require(*(("lm",) if role == "captioner" else ("itm", "itc")))
