@@ -335,7 +335,8 @@ def capfilt_cmd(
     """Caption and filter downloaded images (BLIP's CapFilt) into cleaned shards; reruns resume."""
     from pydantic import ValidationError
 
-    from capfilt.stages.capfilt.driver import CapFiltConfig, run_capfilt
+    from capfilt.stages.capfilt.config import CapFiltConfig
+    from capfilt.stages.capfilt.driver import run_capfilt
 
     try:
         cfg = CapFiltConfig.model_validate(
@@ -384,7 +385,7 @@ def rethreshold(
     threshold: Annotated[float, typer.Option(help="Keep a text when its ITM p(match) >= this.")],
 ) -> None:
     """Re-decide a CapFilt run at a new threshold from its candidates table; no model runs."""
-    from capfilt.stages.capfilt.driver import rethreshold as rethreshold_run
+    from capfilt.stages.capfilt.rethreshold import rethreshold as rethreshold_run
 
     try:
         summary = rethreshold_run(run, threshold)

@@ -19,31 +19,21 @@ from typer.testing import CliRunner
 from capfilt.cli import app
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
+from capfilt.core.layout import CANDIDATES_DIR, CLEANED_DIR
 from capfilt.core.shards import STATS_DIR
 from capfilt.core.text import pre_caption
 from capfilt.model import create_med, get_config
 from capfilt.model.hf import export_captioner, export_filter
 from capfilt.model.tokenizer import TokenIds, load_tokenizer, tokenize, train_wordpiece
 from capfilt.model.transforms import decode_image, test_transform
-from capfilt.stages.capfilt.driver import (
-    CANDIDATES_DIR,
-    CLEANED_DIR,
-    REASON_BELOW,
-    REASON_EMPTY,
-    REASON_UNDECODABLE,
-    CapFiltConfig,
-    caption_batch,
-    load_model,
-    pixel_column,
-    pixel_values,
-    preprocess_batch,
-    read_candidates,
-    read_cleaned,
-    resolve_model,
-    rethreshold,
-    run_capfilt,
-    score_batch,
-)
+from capfilt.stages.capfilt.caption import caption_batch
+from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.capfilt.decisions import REASON_BELOW, REASON_EMPTY, REASON_UNDECODABLE
+from capfilt.stages.capfilt.driver import run_capfilt
+from capfilt.stages.capfilt.models import load_model, resolve_model
+from capfilt.stages.capfilt.pixels import pixel_column, pixel_values, preprocess_batch
+from capfilt.stages.capfilt.rethreshold import read_candidates, read_cleaned, rethreshold
+from capfilt.stages.capfilt.score import score_batch
 from capfilt.stages.download import DownloadConfig, read_samples, run_download
 
 # Short captions keep the random captioner cheap: [DEC] + 3 prompt tokens + up to 8 more.
@@ -178,7 +168,7 @@ def test_captions_are_seeded_per_image_not_per_batch(loaded, batch):
 
 
 def test_the_seeded_sampler_draws_from_the_top_k_nucleus():
-    from capfilt.stages.capfilt.driver import _seeded_sampler_class
+    from capfilt.stages.capfilt.caption import _seeded_sampler_class
 
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.02, 0.3, 0.2, 0.03]]))
     draws = 20000

@@ -28,7 +28,7 @@ from capfilt.model.hf import export_captioner, export_filter
 from capfilt.model.tokenizer import TokenIds, train_wordpiece
 from capfilt.pipeline.recipe import Recipe, load_recipe
 from capfilt.pipeline.status import DONE, run_status
-from capfilt.stages.capfilt.driver import read_cleaned
+from capfilt.stages.capfilt.rethreshold import read_cleaned
 from capfilt.stages.download import DownloadConfig
 from capfilt.world import WorldConfig, WorldServer, make_world
 

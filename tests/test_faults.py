@@ -38,7 +38,9 @@ from capfilt.core.errors import StageFailed
 from capfilt.core.shards import INPUTS_DIR, STATS_DIR, done_shards, read_json, stats_path
 from capfilt.io.urllist import read_url_list
 from capfilt.pipeline.status import run_status
-from capfilt.stages.capfilt.driver import CapFiltConfig, read_candidates, read_cleaned, run_capfilt
+from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.capfilt.driver import run_capfilt
+from capfilt.stages.capfilt.rethreshold import read_candidates, read_cleaned
 from capfilt.stages.download import DownloadConfig, download_shard, read_samples, run_download, screen_rows
 
 SHARD_SIZE = 30  # the session's world has 282 web rows (bad rows included): 10 download shards
@@ -497,7 +499,8 @@ def models(small_world: Path, one_torch_thread, tmp_path_factory) -> dict[str, P
     from capfilt.model import create_med, get_config
     from capfilt.model.hf import export_captioner, export_filter
     from capfilt.model.tokenizer import TokenIds, train_wordpiece
-    from capfilt.stages.capfilt.driver import preprocess_batch, score_batch
+    from capfilt.stages.capfilt.pixels import preprocess_batch
+    from capfilt.stages.capfilt.score import score_batch
 
     root = tmp_path_factory.mktemp("fault-models")
     web = pq.read_table(small_world / "web.parquet")

@@ -20,7 +20,7 @@ from capfilt.pipeline import runner as pipeline
 from capfilt.pipeline.recipe import load_recipe
 from capfilt.pipeline.runner import run_recipe
 from capfilt.pipeline.status import DONE, NOT_STARTED, UNFINISHED, run_status
-from capfilt.stages.capfilt import driver as capfilt_stage
+from capfilt.stages.capfilt import decisions as capfilt_stage
 from capfilt.train import loop as train
 
 WORLD = {"seed": 9, "n_web": 60, "n_human": 10, "n_test": 10, "bad_rate": 0.1}

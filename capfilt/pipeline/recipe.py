@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from capfilt.core.errors import ConfigError
 from capfilt.eval.metrics import EvalConfig
-from capfilt.stages.capfilt.driver import CapFiltConfig
+from capfilt.stages.capfilt.config import CapFiltConfig
 from capfilt.stages.download import DownloadConfig
 from capfilt.stages.vit import VitInitConfig
 from capfilt.world import WorldConfig

@@ -366,7 +366,7 @@ def evaluate_run(run: Run, d: Path) -> dict[str, Any]:
     from capfilt.eval.report import write_report
     from capfilt.model.checkpoint import load_checkpoint
     from capfilt.model.tokenizer import load_tokenizer
-    from capfilt.stages.capfilt.driver import read_candidates
+    from capfilt.stages.capfilt.rethreshold import read_candidates
     from capfilt.stages.download import read_samples
     from capfilt.world import load_world
 
