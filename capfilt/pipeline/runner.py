@@ -516,6 +516,7 @@ def _train_lines(r: dict[str, Any]) -> list[str]:
 def summary_blocks(result: RunResult) -> list[tuple[str, list[str]]]:
     """(title, lines) per stage that ran or was skipped, in run order."""
     from capfilt.eval.report import round_rows, summary_table
+    from capfilt.stages.capfilt.summary import by_source, num
 
     blocks: list[tuple[str, list[str]]] = [("resources", result.notes)] if result.notes else []
     for name, m in result.stages.items():
@@ -551,7 +552,7 @@ def summary_blocks(result: RunResult) -> list[tuple[str, list[str]]]:
             lines = [
                 f"images {r.get('images')}, texts considered {r.get('texts_considered')}",
                 f"kept {r.get('kept')}, images with no kept text {r.get('images_no_kept_text')}",
-                f"mean ITM {r.get('mean_itm')}",
+                f"mean ITM {by_source(r.get('mean_itm') or {}, num)}",
             ]
         elif name == "evaluate":
             rounds = r.get("rounds") or {}

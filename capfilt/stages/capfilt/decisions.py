@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capfilt.core.layout import CANDIDATES_DIR, CLEANED_DIR, STATS_DIR
+from capfilt.core.layout import CANDIDATES_DIR, CAPTIONS_DIR, CLEANED_DIR, STATS_DIR
 
 KEEP, DROP = "keep", "drop"
 # Reasons are categories; only "image not decodable" and "image file missing" carry a detail, after ": ".
@@ -27,11 +27,18 @@ def reason_key(reason: str) -> str:
     return reason.split(": ", 1)[0]
 
 
-def shard_paths(out: Path, name: str) -> tuple[Path, Path, Path]:
-    """Shard ``name``'s files in run folder ``out``: every candidate, the kept texts, and the stats
-    (written last: they mark the shard done)."""
+def kept_dir(filtered: bool) -> str:
+    """The folder of a web shard's kept texts: ``cleaned/`` holds only what a filter kept, so a
+    caption-only run (no filter) writes its unscored texts to ``captions/`` instead. Human pairs
+    always go to ``cleaned/``: they are human truth, kept without a score."""
+    return CLEANED_DIR if filtered else CAPTIONS_DIR
+
+
+def shard_paths(out: Path, name: str, kept: str = CLEANED_DIR) -> tuple[Path, Path, Path]:
+    """Shard ``name``'s files in run folder ``out``: every candidate, the kept texts (in folder
+    ``kept``, see ``kept_dir``), and the stats (written last: they mark the shard done)."""
     return (
         out / CANDIDATES_DIR / f"{name}.parquet",
-        out / CLEANED_DIR / f"{name}.parquet",
+        out / kept / f"{name}.parquet",
         out / STATS_DIR / f"{name}.json",
     )

@@ -13,7 +13,8 @@ the functions above.
 
 Output layout of ``out``::
 
-    cleaned/NNNNN.parquet         CLEANED: one row per kept (image, text), next round's input
+    cleaned/NNNNN.parquet         CLEANED: one row per (image, text) the filter kept, next round's input
+    captions/NNNNN.parquet        instead of cleaned/ in a caption-only run (no filter): the texts, unscored
     cleaned/human-NNNNN.parquet   human pairs, passed through (text_source "human")
     candidates/NNNNN.parquet      CANDIDATE: every text considered, scores, decision, reason
     _stats/NNNNN.json             per input shard; written last, it marks the shard done
@@ -22,7 +23,8 @@ Output layout of ``out``::
 
 Shard NNNNN of ``cleaned/`` and ``candidates/`` comes from the input shard with the same name.
 Images in cleaned shards: ``images="include"`` (default) copies the JPEG bytes into ``image``;
-``"reference"`` leaves ``image`` null. Either way ``image_ref`` says where the bytes are: a
+``"reference"`` leaves ``image`` null and says so in the shard's Parquet schema metadata
+(``capfilt.images: "ref"``, ``capfilt.image_sources``: the shards or folders referenced). Either way ``image_ref`` says where the bytes are: a
 Parquet shard whose row with the same ``uid`` holds them in ``image``, or an image file.
 ``rethreshold.rethreshold`` re-decides from ``candidates/`` without running a model.
 
@@ -51,7 +53,7 @@ from capfilt.core.shards import read_json, write_json_atomic
 from capfilt.stages.capfilt.actors import CaptionerActor, FilterActor
 from capfilt.stages.capfilt.chunks import preprocess_chunks, read_chunks, unscored_chunks
 from capfilt.stages.capfilt.config import STAGE, CapFiltConfig
-from capfilt.stages.capfilt.decisions import REASON_UNDECODABLE
+from capfilt.stages.capfilt.decisions import REASON_UNDECODABLE, kept_dir
 from capfilt.stages.capfilt.human import human_shards, write_human_shard
 from capfilt.stages.capfilt.inputs import _input_files, _Plan, _plan
 from capfilt.stages.capfilt.models import ModelRef, resolve_model
@@ -185,7 +187,8 @@ def run_capfilt(
     """Caption and/or filter every downloaded image under ``data`` into ``out``, resuming a run
     that stopped: finished shards are skipped, the rest give the rows an uninterrupted run gives.
 
-    Either model may be left out: captioner only writes captions for every image (kept unscored);
+    Either model may be left out: captioner only writes captions for every image, unscored, to
+    ``captions/`` (``cleaned/`` holds only what a filter kept, and human pairs);
     filter only scores the existing texts. ``tokenizer`` overrides the one found beside the
     models; ``arch`` names the architecture of an original BLIP .pth. ``human`` (a Karpathy-style
     JSON with ``human_images``, or a SAMPLE shards folder) adds human pairs, passed through.
@@ -225,7 +228,8 @@ def run_capfilt(
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, manifest)
 
-    done = {p.name for p in plans if shard_done(out, p.name)}
+    kept = kept_dir(filt_ref is not None)  # where the web shards' kept texts go
+    done = {p.name for p in plans if shard_done(out, p.name, kept)}
     todo = [p for p in plans if p.name not in done][:max_shards]
     log.info("%d input shards (%d already done, %d to run)", len(plans), len(done), len(todo))
     for h in humans:
@@ -252,7 +256,7 @@ def run_capfilt(
                             "shard %s done: %d images, %d kept texts", name, st["images"], st["rows_out"]
                         )
         log.debug("Ray Data stats:\n%s", ds.stats())
-        unfinished = sorted(n for n in busy if not shard_done(out, n))
+        unfinished = sorted(n for n in busy if not shard_done(out, n, kept))
         if unfinished:
             raise StageFailed(f"shard(s) {unfinished} did not get all their images back; rerun to retry them")
 

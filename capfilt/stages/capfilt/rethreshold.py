@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
-from capfilt.core.layout import CANDIDATES_DIR, CLEANED_DIR, MANIFEST, STATS_DIR, SUMMARY
+from capfilt.core.layout import CANDIDATES_DIR, CAPTIONS_DIR, CLEANED_DIR, MANIFEST, STATS_DIR, SUMMARY
 from capfilt.core.shards import read_json, safe_component, write_json_atomic, write_parquet_atomic
 from capfilt.stages.capfilt.config import STAGE, CapFiltConfig
-from capfilt.stages.capfilt.decisions import KEEP, decide, shard_paths
+from capfilt.stages.capfilt.decisions import KEEP, decide, kept_dir, shard_paths
 from capfilt.stages.capfilt.human import HUMAN_PREFIX
 from capfilt.stages.capfilt.inputs import input_images
 from capfilt.stages.capfilt.summary import CapFiltSummary, summarize
@@ -63,7 +63,8 @@ def rethreshold(run: str | Path, threshold: float) -> CapFiltSummary:
         inputs = {safe_component(k, "shard name"): Path(v) for k, v in manifest["inputs"].items()}
     except ValueError as err:
         raise ConfigError(f"{path} is damaged: {err}") from err
-    web = [n for n in inputs if shard_done(run, n)]
+    kept_folder = kept_dir(manifest.get("filter") is not None)
+    web = [n for n in inputs if shard_done(run, n, kept_folder)]
     if cfg.images == "include":
         gone = sorted(str(inputs[n]) for n in web if not inputs[n].is_file())
         if gone:
@@ -76,7 +77,7 @@ def rethreshold(run: str | Path, threshold: float) -> CapFiltSummary:
     write_json_atomic(path, manifest)
     changed = 0
     for name in web:
-        candidates_file, kept_file, stats_file = shard_paths(run, name)
+        candidates_file, kept_file, stats_file = shard_paths(run, name, kept_folder)
         old = read_json(stats_file)
         if old["threshold"] == threshold:
             continue
@@ -104,17 +105,23 @@ def rethreshold(run: str | Path, threshold: float) -> CapFiltSummary:
     return summary
 
 
-def read_cleaned(run: str | Path) -> pa.Table:
-    """Every cleaned row of a run (web shards, then human), in the CLEANED schema."""
-    files = sorted((Path(run) / CLEANED_DIR).glob("*.parquet"))
+def _read_folder(folder: Path, schema: pa.Schema) -> pa.Table:
+    files = sorted(folder.glob("*.parquet"))
     if not files:
-        return S.CLEANED.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=S.CLEANED) for f in files])
+        return schema.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+
+
+def read_cleaned(run: str | Path) -> pa.Table:
+    """Every cleaned row of a run (web shards a filter decided, then human pairs), in the CLEANED schema."""
+    return _read_folder(Path(run) / CLEANED_DIR, S.CLEANED)
+
+
+def read_captions(run: str | Path) -> pa.Table:
+    """Every text a caption-only run (no filter) kept unscored, in the CLEANED schema."""
+    return _read_folder(Path(run) / CAPTIONS_DIR, S.CLEANED)
 
 
 def read_candidates(run: str | Path) -> pa.Table:
     """Every candidate row of a run, in the CANDIDATE schema."""
-    files = sorted((Path(run) / CANDIDATES_DIR).glob("*.parquet"))
-    if not files:
-        return S.CANDIDATE.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=S.CANDIDATE) for f in files])
+    return _read_folder(Path(run) / CANDIDATES_DIR, S.CANDIDATE)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from capfilt.core import schema as S
-from capfilt.core.layout import CLEANED_DIR, STATS_DIR
+from capfilt.core.layout import CLEANED_DIR, MANIFEST, STATS_DIR
 from capfilt.core.shards import read_json
-from capfilt.stages.capfilt.decisions import REASON_HUMAN, REASON_NO_FILTER
+from capfilt.stages.capfilt.decisions import REASON_HUMAN, REASON_NO_FILTER, kept_dir
 
 
 @dataclass
@@ -32,27 +33,24 @@ class CapFiltSummary:
     human_pairs: int = 0
     wall_s: float = 0.0
     out_dir: str = ""
+    kept_dir: str = CLEANED_DIR  # where the web shards' kept texts are: captions/ without a filter
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     def lines(self) -> list[str]:
-        def by_source(d: dict[str, Any], fmt: str = "{}") -> str:
-            return (
-                ", ".join(f"{k} {fmt.format(v) if v is not None else '-'}" for k, v in sorted(d.items()))
-                or "-"
-            )
-
         total_t, total_k = sum(self.texts_considered.values()), sum(self.kept.values())
+        filtered = self.kept_dir == CLEANED_DIR
+        rule = f"at p(match) >= {num(self.threshold)}" if filtered else "unscored (no filter)"
         out = [
             f"images:             {self.images} ({self.images_not_decodable} not decodable)",
             f"not images:         {sum(self.rows_not_images.values())} input rows "
             f"({', '.join(f'{k} {v}' for k, v in sorted(self.rows_not_images.items())) or 'none'})",
             f"texts considered:   {total_t} ({by_source(self.texts_considered)})",
-            f"kept:               {total_k} ({by_source(self.kept)}) at p(match) >= {self.threshold}",
-            f"mean ITM p(match):  {by_source(self.mean_itm, '{:.3f}')}",
-            f"mean ITC cosine:    {by_source(self.mean_itc, '{:.3f}')}",
+            f"kept:               {total_k} ({by_source(self.kept)}) {rule}",
+            f"mean ITM p(match):  {by_source(self.mean_itm, num)}",
+            f"mean ITC cosine:    {by_source(self.mean_itc, num)}",
             f"images, none kept:  {self.images_no_kept_text}",
         ]
         if self.human_pairs:
@@ -66,13 +64,27 @@ class CapFiltSummary:
             f"{self.shards_skipped} already done, {self.shards_pending} left for a rerun"
         )
         out.append(f"wall time:          {self.wall_s:.1f} s")
-        out.append(f"cleaned shards:     {Path(self.out_dir) / CLEANED_DIR}")
+        if not filtered:
+            out.append(f"caption shards:     {Path(self.out_dir) / self.kept_dir}")
+        if filtered or self.human_pairs:
+            out.append(f"cleaned shards:     {Path(self.out_dir) / CLEANED_DIR}")
         return out
+
+
+def num(x: float) -> str:
+    """A score or threshold for a person: 3 significant digits (0.354, not 0.35414565059636216)."""
+    return f"{x:.3g}"
+
+
+def by_source(d: Mapping[str, Any], fmt: Callable[[Any], str] = str) -> str:
+    """``{"synthetic": 0.35, "web": None}`` as "synthetic 0.35, web -" (sorted by source)."""
+    return ", ".join(f"{k} {fmt(v) if v is not None else '-'}" for k, v in sorted(d.items())) or "-"
 
 
 def summarize(out: str | Path, threshold: float, shards_total: int = 0) -> CapFiltSummary:
     """Add up every finished shard's stats under ``out``."""
     out = Path(out)
+    manifest = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else {}
     stats = (
         [read_json(p) for p in sorted((out / STATS_DIR).glob("*.json"))] if (out / STATS_DIR).exists() else []
     )
@@ -107,4 +119,5 @@ def summarize(out: str | Path, threshold: float, shards_total: int = 0) -> CapFi
         shards_total=shards_total or len(stats),
         human_pairs=human,
         out_dir=str(out),
+        kept_dir=kept_dir(manifest.get("filter") is not None) if manifest else CLEANED_DIR,
     )

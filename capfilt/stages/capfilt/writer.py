@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -13,9 +14,10 @@ import pyarrow.compute as pc
 
 from capfilt.core import schema as S
 from capfilt.core.errors import StageFailed
+from capfilt.core.layout import CLEANED_DIR
 from capfilt.core.shards import write_json_atomic, write_parquet_atomic
 from capfilt.stages.capfilt.config import STAGE, CapFiltConfig
-from capfilt.stages.capfilt.decisions import KEEP, REASON_UNDECODABLE, reason_key, shard_paths
+from capfilt.stages.capfilt.decisions import KEEP, REASON_UNDECODABLE, kept_dir, reason_key, shard_paths
 from capfilt.stages.capfilt.inputs import _Plan, input_images
 from capfilt.stages.capfilt.score import CANDIDATE_FIELDS
 
@@ -59,7 +61,22 @@ def cleaned_table(candidates: pa.Table, images: pa.Table, images_mode: str) -> p
     image = src.column("image") if images_mode == "include" else pa.nulls(n, pa.binary())
     cols = {f.name: kept.column(f.name) for f in S.CLEANED if f.name in kept.column_names}
     cols |= {"url": src.column("url"), "image": image, "image_ref": src.column("image_ref")}
-    return S.conform(pa.table(cols), S.CLEANED)
+    table = S.conform(pa.table(cols), S.CLEANED)
+    if images_mode == "include":
+        return table
+    # A reader of this shard alone must learn that ``image`` is null on purpose and where to look.
+    return table.replace_schema_metadata(image_ref_metadata(src.column("image_ref").to_pylist()))
+
+
+IMAGES_KEY = b"capfilt.images"  # "ref": the shard holds no image bytes, only image_ref
+IMAGE_SOURCES_KEY = b"capfilt.image_sources"  # JSON list: the Parquet shards or image folders referenced
+
+
+def image_ref_metadata(refs: list[str | None]) -> dict[bytes, bytes]:
+    """Schema metadata of a cleaned shard whose images are referenced, not embedded: the mode and
+    where the referenced images are (Parquet shards by path; image files by their folder)."""
+    sources = {r if r.endswith(".parquet") else str(Path(r).parent) for r in refs if r}
+    return {IMAGES_KEY: b"ref", IMAGE_SOURCES_KEY: json.dumps(sorted(sources)).encode()}
 
 
 def _mean_parts(candidates: pa.Table) -> dict[str, dict[str, float]]:
@@ -114,7 +131,7 @@ def _write_web_shard(
         candidates.filter(pc.equal(candidates.column("decision"), KEEP)).column("uid").to_pylist()
     )
     cleaned = cleaned_table(candidates, input_images(plan.path, kept_uids, cfg.images), cfg.images)
-    candidates_file, kept_file, stats_file = shard_paths(out, plan.name)
+    candidates_file, kept_file, stats_file = shard_paths(out, plan.name, kept_dir(ids.filter_id is not None))
     write_parquet_atomic(candidates_file, candidates)
     write_parquet_atomic(kept_file, cleaned)
     undecodable = pc.sum(
@@ -136,6 +153,7 @@ def _write_web_shard(
     return stats
 
 
-def shard_done(out: Path, name: str) -> bool:
-    """Whether shard ``name`` of run folder ``out`` has all its files (a rerun skips it)."""
-    return all(p.is_file() for p in shard_paths(out, name))
+def shard_done(out: Path, name: str, kept: str = CLEANED_DIR) -> bool:
+    """Whether shard ``name`` of run folder ``out`` has all its files (a rerun skips it); ``kept``
+    is the folder of its kept texts (``decisions.kept_dir``)."""
+    return all(p.is_file() for p in shard_paths(out, name, kept))
