@@ -1,4 +1,5 @@
-"""Writing one shard's outputs atomically: candidates, cleaned rows, then its stats (last: they mark it done)."""
+"""Writing one shard's outputs atomically: candidates, kept rows (cleaned/ or captions/), then its stats
+(last: they mark it done)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from capfilt.stages.capfilt.config import STAGE, CapFiltConfig
 from capfilt.stages.capfilt.decisions import KEEP, REASON_UNDECODABLE, kept_dir, reason_key, shard_paths
 from capfilt.stages.capfilt.inputs import _Plan, input_images
 from capfilt.stages.capfilt.score import CANDIDATE_FIELDS
+
+# Schema metadata of a kept-texts shard written with images="reference".
+IMAGES_KEY = b"capfilt.images"  # b"ref": the shard holds no image bytes, only image_ref
+IMAGE_SOURCES_KEY = b"capfilt.image_sources"  # JSON list: the Parquet shards or image folders referenced
 
 
 @dataclass
@@ -66,10 +71,6 @@ def cleaned_table(candidates: pa.Table, images: pa.Table, images_mode: str) -> p
         return table
     # A reader of this shard alone must learn that ``image`` is null on purpose and where to look.
     return table.replace_schema_metadata(image_ref_metadata(src.column("image_ref").to_pylist()))
-
-
-IMAGES_KEY = b"capfilt.images"  # "ref": the shard holds no image bytes, only image_ref
-IMAGE_SOURCES_KEY = b"capfilt.image_sources"  # JSON list: the Parquet shards or image folders referenced
 
 
 def image_ref_metadata(refs: list[str | None]) -> dict[bytes, bytes]:
