@@ -23,7 +23,8 @@ class CapFiltConfig(BaseModel):
     num_beams: int = Field(1, ge=1)
     min_length: int = Field(5, ge=0)  # tokens, counting [DEC] and the prompt, as in BLIP
     max_length: int = Field(30, ge=2)
-    repetition_penalty: float | None = Field(None, gt=0)  # None: 1.1 when sampling, else 1.0 (BLIP)
+    # None: BLIP's value for the mode (capfilt.model.generation.repetition_penalty: 1.1 when sampling)
+    repetition_penalty: float | None = Field(None, gt=0)
     prompt: str = "a picture of "  # fed to the decoder, stripped from the stored caption
     seed: int = 0
     # Filter: how texts are scored and decided.
