@@ -12,7 +12,7 @@ import typer
 
 from capfilt.cli_config import config_options
 from capfilt.core.errors import ConfigError, StageFailed
-from capfilt.stages.capfilt.driver import CapFiltConfig
+from capfilt.stages.capfilt.config import CapFiltConfig
 from capfilt.stages.download import DownloadConfig
 from capfilt.train.config import TrainConfig
 
@@ -326,7 +326,7 @@ def rethreshold(
     threshold: Annotated[float, typer.Option(help="Keep a text when its ITM p(match) >= this.")],
 ) -> None:
     """Re-decide a CapFilt run at a new threshold from its candidates table; no model runs."""
-    from capfilt.stages.capfilt.driver import rethreshold as rethreshold_run
+    from capfilt.stages.capfilt.rethreshold import rethreshold as rethreshold_run
 
     try:
         summary = rethreshold_run(run, threshold)

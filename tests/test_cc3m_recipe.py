@@ -22,10 +22,11 @@ from capfilt.cli import app
 from capfilt.core.errors import ConfigError
 from capfilt.core.logs import ContextFilter
 from capfilt.model import get_config
-from capfilt.model.interop import export_captioner, export_filter, load_blip_pth
+from capfilt.model.blip_pth import load_blip_pth
+from capfilt.model.hf import export_captioner, export_filter
 from capfilt.pipeline.recipe import Recipe, load_recipe
 from capfilt.pipeline.status import DONE, run_status
-from capfilt.stages.capfilt.driver import read_cleaned
+from capfilt.stages.capfilt.rethreshold import read_cleaned
 from capfilt.stages.download import DownloadConfig
 from capfilt.testing.models import tiny_med, tiny_tokenizer
 from capfilt.world import WorldConfig, WorldServer, make_world

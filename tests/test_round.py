@@ -22,7 +22,7 @@ from capfilt.cli import app
 from capfilt.core import schema as S
 from capfilt.core.layout import STAGES_DIR
 from capfilt.stages import registry
-from capfilt.stages.capfilt.driver import read_candidates, read_cleaned
+from capfilt.stages.capfilt.rethreshold import read_candidates, read_cleaned
 from capfilt.stages.download import read_samples
 
 TRAIN = {

@@ -111,7 +111,7 @@ def test_set_overrides_any_recipe_field_with_yaml_values(tmp_path):
 
 def test_generated_options_restate_no_default(tmp_path):
     # `capfilt capfilt --k` exists because CapFiltConfig has `k`; unset options leave its default.
-    from capfilt.stages.capfilt.driver import CapFiltConfig
+    from capfilt.stages.capfilt.config import CapFiltConfig
 
     help_text = CliRunner().invoke(app, ["capfilt", "--help"], terminal_width=200).output
     for field in CapFiltConfig.model_fields:

@@ -76,9 +76,9 @@ def evaluate_run(run: Any, d: Path) -> dict[str, Any]:
     from capfilt.eval.quality import evaluate_capfilt, label_candidates
     from capfilt.eval.report import write_report
     from capfilt.eval.split import load_split, load_world_test_split
-    from capfilt.model.interop import load_checkpoint
+    from capfilt.model.checkpoint import load_checkpoint
     from capfilt.model.tokenizer import load_tokenizer
-    from capfilt.stages.capfilt.driver import read_candidates
+    from capfilt.stages.capfilt.rethreshold import read_candidates
     from capfilt.stages.download import read_samples
     from capfilt.world import load_world
 

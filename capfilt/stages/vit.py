@@ -5,7 +5,7 @@ from ViT-L/16 in21k (``../shared/docs/REFERENCE.md``). A recipe on real data poi
 ``pretrain.vision_init`` at such a timm checkpoint. The shapes world has no ImageNet, so this
 stage makes its miniature: a timm VisionTransformer with the recipe's ViT architecture, trained to
 classify the shape of rendered one-object scenes, saved as a timm state dict that
-``capfilt.model.interop.init_vision_from_timm`` loads into both pretraining rounds.
+``capfilt.model.backbones.init_vision_from_timm`` loads into both pretraining rounds.
 
 - The labelled images are the stage's own: scenes drawn from ``seed`` (IDs ``vit-...``), none of
   them a web, human or test image. Augmentation is the pretraining's (``train_transform``).

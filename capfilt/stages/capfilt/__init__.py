@@ -9,10 +9,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from capfilt.core.layout import CANDIDATES_DIR, CLEANED_DIR, MANIFEST, STATS_DIR
+from capfilt.core.layout import CANDIDATES_DIR, CAPTIONS_DIR, CLEANED_DIR, MANIFEST, STATS_DIR
 from capfilt.core.shards import read_json
 from capfilt.core.stage import Fit, Section, Stage, StageContext, StageStatus, human
-from capfilt.stages.capfilt.driver import REASON_HUMAN, REASON_NO_FILTER, CapFiltConfig
+from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.capfilt.decisions import REASON_HUMAN, REASON_NO_FILTER
 
 # CapFilt reasons for texts kept without a score: not failures.
 KEPT_REASONS = (REASON_NO_FILTER, REASON_HUMAN)
@@ -123,8 +124,8 @@ class CapFiltStage(Stage):
         done = {
             p.stem
             for p in (d / STATS_DIR).glob("*.json")
-            if (d / CLEANED_DIR / f"{p.stem}.parquet").is_file()
-            and (d / CANDIDATES_DIR / f"{p.stem}.parquet").is_file()
+            if (d / CANDIDATES_DIR / f"{p.stem}.parquet").is_file()
+            and any((d / kept / f"{p.stem}.parquet").is_file() for kept in (CLEANED_DIR, CAPTIONS_DIR))
         }
         st.shards_done = len(done)
         st.shards_total = len(web | done)
