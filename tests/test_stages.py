@@ -202,8 +202,11 @@ def test_the_terminal_shows_our_lines_and_the_log_file_keeps_everything(tmp_path
     finally:
         root.removeHandler(console)
         root.setLevel(level)
+    with engine_log(tmp_path / "never.log"):
+        pass  # nothing logged: no file (a command that fails on its input writes nothing)
     shown = capfd.readouterr().err
     assert "shard 00001 done" in shown and "step 100" in shown and "a line of ours" in shown
     assert "PlacementGroupCleaner" not in shown
     kept = log_file.read_text()
+    assert not (tmp_path / "never.log").exists()
     assert kept.count("PlacementGroupCleaner") == 2 and "shard 00001 done" in kept and "step 100" in kept
