@@ -71,7 +71,7 @@ def install(handlers: Iterable[logging.Handler]) -> None:
 
 #: Lines Ray's log monitor copies from its worker processes start with "(name pid=N)" (after a
 #: carriage return and colour codes); our own loggers' lines among them name a "capfilt." logger.
-_WORKER_LINE = re.compile(r"^\((?P<who>[^)]*pid=\d+[^)]*)\)")
+_WORKER_LINE = re.compile(r"^\((?P<who>[^)]*pid=\d+[^)]*|raylet|autoscaler|gcs_server|monitor)\)")
 _DECOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\r")
 #: Ray's own loggers, which print through handlers of their own rather than the root logger's.
 ENGINE_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
