@@ -48,12 +48,12 @@ ATOL = 1e-5
 REPORT: dict[str, float] = {}  # max abs diffs, printed at the end with -s
 
 
-def _close(name: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
+def _close(name: str, ours: torch.Tensor, ref: torch.Tensor, atol: float = ATOL) -> None:
     diff = (ours.float() - ref.float()).abs().max().item()
     REPORT[name] = diff
     print(f"golden {name}: max abs diff {diff:.3g}")
     assert ours.shape == ref.shape, name
-    assert diff <= ATOL, f"{name}: max abs diff {diff}"
+    assert diff <= atol, f"{name}: max abs diff {diff}"
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +326,85 @@ def test_inspect_reads_the_config_of_a_pth_from_its_shapes(family, tok):
         3,
     )
     assert info.heads == {"itc", "itm", "lm"}
+
+
+# ------------------------------------------------------------------ exports usable as is
+
+# Runs in a fresh interpreter that never imports capfilt: what a transformers user does.
+_PLAIN_TRANSFORMERS = r"""
+import json, os, sys
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor, pipeline
+
+cap_dir, filt_dir, golden = sys.argv[1:4]
+images = [Image.open(os.path.join(golden, "images", n)).convert("RGB") for n in sorted(os.listdir(os.path.join(golden, "images")))]
+out = {}
+proc = BlipProcessor.from_pretrained(cap_dir)
+out["pixels"] = proc(images=images, return_tensors="pt").pixel_values.tolist()
+cap = BlipForConditionalGeneration.from_pretrained(cap_dir).eval()
+# The model numerics on the fixture's own pixels; the processor's are compared on their own.
+pixels = load_file(os.path.join(golden, "reference.safetensors"))["pixels_48"]
+inputs = proc(images=images, text=["a picture of"] * 4, return_tensors="pt")
+inputs["pixel_values"] = pixels
+with torch.no_grad():
+    out["greedy"] = cap.generate(**inputs, max_length=20, min_length=3, do_sample=False, num_beams=1).tolist()
+# transformers 5 resolves "image-to-text" to "image-text-to-text", which wants a text prompt.
+pipe = pipeline("image-to-text", model=cap_dir)
+kwargs = {} if pipe.task == "image-to-text" else {"text": "a picture of"}
+out["pipeline"] = pipe(images[0], generate_kwargs={"max_length": 20, "do_sample": False}, **kwargs)
+out["pipeline_task"] = pipe.task
+
+fproc = BlipProcessor.from_pretrained(filt_dir)
+filt = BlipForImageTextRetrieval.from_pretrained(filt_dir).eval()
+texts = json.load(open(os.path.join(golden, "reference.json")))["texts"]
+enc = filt.config.text_config.capfilt_enc_token_id
+cls_p, enc_p, itc = [], [], []
+with torch.no_grad():
+    for i, image in enumerate(images):
+        batch = fproc(images=[image] * len(texts), text=texts, padding="max_length", max_length=35, return_tensors="pt")
+        batch["pixel_values"] = pixels[i : i + 1].expand(len(texts), -1, -1, -1)
+        cls_p.append(filt(**batch).itm_score.softmax(-1)[:, 1].tolist())
+        itc.append(filt(**batch, use_itm_head=False).itm_score[0].tolist())
+        batch["input_ids"][:, 0] = enc  # BLIP-trained ITM wants [ENC] first
+        enc_p.append(filt(**batch).itm_score.softmax(-1)[:, 1].tolist())
+out |= {"itm_cls_p": cls_p, "itm_enc_p": enc_p, "itc": itc, "capfilt_imported": "capfilt" in sys.modules}
+print(json.dumps(out))
+"""
+
+
+def test_exports_run_in_plain_transformers(tmp_path, ref, meta, tok, family):
+    import subprocess
+    import sys
+
+    from capfilt.model.hf import export_captioner, export_filter
+
+    ids = TokenIds.from_tokenizer(tok)
+    cap = export_captioner(
+        load_checkpoint(GOLDEN / "caption_tiny.pth", str(family), token_ids=ids), tmp_path / "cap", tok
+    )
+    filt = export_filter(
+        load_checkpoint(GOLDEN / "retrieval_tiny.pth", str(family), token_ids=ids), tmp_path / "filt", tok
+    )
+    pre = json.loads((cap / "preprocessor_config.json").read_text())
+    assert pre["size"] == {"height": 48, "width": 48} and pre["image_processor_type"] == "BlipImageProcessor"
+    script = tmp_path / "plain.py"
+    script.write_text(_PLAIN_TRANSFORMERS)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(cap), str(filt), str(GOLDEN)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["capfilt_imported"] is False
+    # Both squash with PIL bicubic; BlipImageProcessor rounds the resized image differently,
+    # so pixels may differ by one grey level (1/255 / std 0.26 = 0.015 after normalising).
+    _close("export_processor_pixels", torch.tensor(out["pixels"]), ref["pixels_48"], atol=0.016)
+    assert torch.equal(torch.tensor(out["greedy"]), ref["caption_greedy_ids"])
+    text = meta["caption_greedy"]["decoded_skip_special_tokens"][0]
+    assert out["pipeline"][0]["generated_text"] == text, out["pipeline"]
+    _close("export_itm_cls_p_match", torch.tensor(out["itm_cls_p"]), ref["itm_cls_p_match"])
+    _close("export_itm_enc_p_match", torch.tensor(out["itm_enc_p"]), ref["retrieval_itm_enc_p_match"])
+    _close("export_itc_sim", torch.tensor(out["itc"]), ref["retrieval_itc_sim"])
