@@ -408,3 +408,30 @@ def test_exports_run_in_plain_transformers(tmp_path, ref, meta, tok, family):
     _close("export_itm_cls_p_match", torch.tensor(out["itm_cls_p"]), ref["itm_cls_p_match"])
     _close("export_itm_enc_p_match", torch.tensor(out["itm_enc_p"]), ref["retrieval_itm_enc_p_match"])
     _close("export_itc_sim", torch.tensor(out["itc"]), ref["retrieval_itc_sim"])
+
+
+def test_a_recipe_may_leave_out_arch_for_a_pth_but_not_its_tokenizer(tmp_path):
+    from capfilt.pipeline.recipe import recipe_model
+
+    human = {"karpathy_train": str(tmp_path / "train.json")}  # not read: check_paths is off
+    base = {"name": "golden", "out": str(tmp_path), "stages": ["capfilt"], "human": human}
+    init = {"captioner": str(GOLDEN / "caption_tiny.pth"), "filter": str(GOLDEN / "retrieval_tiny.pth")}
+    rec = recipe_model().model_validate(
+        base | {"init": init | {"tokenizer": str(GOLDEN / "tokenizer")}}, context={"check_paths": False}
+    )
+    assert rec.init.arch is None
+    with pytest.raises(ValueError, match="init.tokenizer"):
+        recipe_model().model_validate(base | {"init": init}, context={"check_paths": False})
+
+
+def test_check_role_maps_the_file_instead_of_reading_its_weights(monkeypatch):
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("mmap"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    check_role(GOLDEN / "retrieval_tiny.pth", "filter")
+    assert calls == [True]
