@@ -157,6 +157,12 @@ def check_role(
         archs = json.loads((path / HF_CONFIG).read_text()).get("architectures") or []
         part = arch_part(archs)
         heads = PART_HEADS[part] if part else frozenset()
+        if part != role:
+            hf_arch = "BlipForConditionalGeneration" if role == "captioner" else "BlipForImageTextRetrieval"
+            raise ConfigError(
+                f"{label} {path} holds {archs} (heads {sorted(heads) or 'none'}); "
+                f"a {role} is a {hf_arch} directory"
+            )
     else:
         from capfilt.model.blip_keys import drop_reason, heads_from_keys
 

@@ -32,7 +32,7 @@ class ModelRef:
     image_size: int
 
 
-def _read_med_config(path: Path, arch: str | None, role: str, ids: TokenIds) -> MedConfig:
+def _read_med_config(path: Path, arch: str | None, ids: TokenIds) -> MedConfig:
     """The MedConfig of a checkpoint from its config files (a folder) or key shapes (a .pth)."""
     from capfilt.model.checkpoint import checkpoint_format, inspect_checkpoint
 
@@ -56,7 +56,7 @@ def resolve_model(
     check_role(path, role, label=f"--{role}")  # key names only: fails before anything is loaded
     tok_dir = find_tokenizer(path, tokenizer)
     ids = TokenIds.from_tokenizer(load_tokenizer(tok_dir))
-    config = _read_med_config(path, arch, role, ids)
+    config = _read_med_config(path, arch, ids)
     t = config.text
     pairs = {"[PAD]": (ids.pad, t.pad_token_id), "[SEP]": (ids.sep, t.sep_token_id)}
     pairs |= {"[DEC]": (ids.bos, t.dec_token_id), "[ENC]": (ids.enc, t.enc_token_id)}
