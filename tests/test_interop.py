@@ -7,6 +7,8 @@ is 0 for most checks, as both sides run the same modules).
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import timm
 import torch
@@ -340,6 +342,26 @@ def test_original_pretrain_pth_with_every_part_and_a_resized_position_table(tmp_
     torch.save({"model": state}, path)
     with pytest.raises(CheckpointError, match=r"different values.*embeddings\.LayerNorm\.weight"):
         load_blip_pth(path, "med-tiny")
+
+
+def test_a_pth_runs_at_its_own_image_size_without_arch_and_without_resizing(tmp_path, caplog):
+    torch.manual_seed(0)
+    src = create_med("med-tiny").eval()
+    src.set_image_size(96)  # as a 384 px BLIP checkpoint is to med-base's 224
+    _perturb(src, 8)
+    path = tmp_path / "model_96.pth"
+    torch.save({"model": _with_training_state(_to_blip_names(src.state_dict()))}, path)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        med = load_checkpoint(path)  # no arch: med-tiny is the one family with these widths
+    assert med.config.vision.image_size == 96 and med.config.model_dump(
+        exclude={"name"}
+    ) == src.config.model_dump(exclude={"name"})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "visual_encoder_m (" in caplog.text and "image_queue (1)" in caplog.text  # drops counted by prefix
+    pixels = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(med.encode_image(pixels), src.encode_image(pixels))
 
 
 class _Payload:
