@@ -282,7 +282,11 @@ def capfilt_cmd(
         Path | None, typer.Option(help="Tokenizer folder; default: the one saved with each model.")
     ] = None,
     arch: Annotated[
-        str | None, typer.Option(help="Architecture of a .pth checkpoint, e.g. med-base.")
+        str | None,
+        typer.Option(
+            help="Family of a .pth checkpoint (med-base, med-large or a MedConfig JSON); "
+            "default: found from its widths. Image size comes from the weights."
+        ),
     ] = None,
     human: Annotated[
         Path | None, typer.Option(help="Human pairs to pass through: Karpathy-style JSON or a shards folder.")

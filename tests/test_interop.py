@@ -7,6 +7,8 @@ is 0 for most checks, as both sides run the same modules).
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import timm
 import torch
@@ -293,8 +295,16 @@ def test_original_pth_loads_with_identical_outputs(tmp_path, hf_captioner, hf_fi
                 assert med.heads == {"lm"}
                 ids_bos = ids.clone()
                 ids_bos[:, 0] = BOS
-                ref = hf(pixel_values=pixels, input_ids=ids_bos, attention_mask=mask).logits
-                assert torch.equal(med.lm_logits(embeds, ids, mask), ref)
+                ours = med.lm_logits(embeds, ids, mask)
+                # Same tensors, same call: exact. transformers' forward runs its decoder with the
+                # KV cache on (use_cache defaults to True), whose cross-attention path rounds
+                # differently (max 2e-6 here): close, not equal, and not a loading error.
+                ref = hf.text_decoder(
+                    input_ids=ids_bos, attention_mask=mask, encoder_hidden_states=embeds, use_cache=False
+                ).logits
+                assert torch.equal(ours, ref)
+                forward = hf(pixel_values=pixels, input_ids=ids_bos, attention_mask=mask).logits
+                torch.testing.assert_close(ours, forward, atol=ATOL, rtol=0)
             else:
                 assert med.heads == {"itc", "itm"} and med.temp.item() == pytest.approx(0.05)
                 enc_ids = ids.clone()
@@ -317,10 +327,12 @@ def test_original_pretrain_pth_with_every_part_and_a_resized_position_table(tmp_
     unequal = [k for k, v in med.state_dict().items() if not torch.equal(v, src.state_dict()[k])]
     assert unequal == ["temp"] and med.temp.item() == pytest.approx(0.05)  # temp comes from the checkpoint
 
-    # The same checkpoint fine-tuned at a larger resolution: the 8x8 grid is resized to 12x12.
+    # The image size is the checkpoint's (64 px) whatever the family says; another one is asked
+    # for explicitly, and only then is the 8x8 grid resized (to 12x12).
     big = med.config.model_dump()
     big["vision"]["image_size"] = 96
-    med96 = load_blip_pth(path, MedConfig.model_validate(big))
+    assert load_blip_pth(path, MedConfig.model_validate(big)).config.vision.image_size == 64
+    med96 = load_blip_pth(path, "med-tiny", image_size=96)
     assert med96.encode_image(torch.randn(1, 3, 96, 96)).shape == (1, 145, 96)
 
     # A decoder whose shared tensors differ from the encoder's cannot be one MED.
@@ -330,6 +342,26 @@ def test_original_pretrain_pth_with_every_part_and_a_resized_position_table(tmp_
     torch.save({"model": state}, path)
     with pytest.raises(CheckpointError, match=r"different values.*embeddings\.LayerNorm\.weight"):
         load_blip_pth(path, "med-tiny")
+
+
+def test_a_pth_runs_at_its_own_image_size_without_arch_and_without_resizing(tmp_path, caplog):
+    torch.manual_seed(0)
+    src = create_med("med-tiny").eval()
+    src.set_image_size(96)  # as a 384 px BLIP checkpoint is to med-base's 224
+    _perturb(src, 8)
+    path = tmp_path / "model_96.pth"
+    torch.save({"model": _with_training_state(_to_blip_names(src.state_dict()))}, path)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        med = load_checkpoint(path)  # no arch: med-tiny is the one family with these widths
+    assert med.config.vision.image_size == 96 and med.config.model_dump(
+        exclude={"name"}
+    ) == src.config.model_dump(exclude={"name"})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "visual_encoder_m (" in caplog.text and "image_queue (1)" in caplog.text  # drops counted by prefix
+    pixels = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(med.encode_image(pixels), src.encode_image(pixels))
 
 
 class _Payload:

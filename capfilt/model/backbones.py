@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from capfilt.model.blip_keys import vit_key
 from capfilt.model.med import Med
 from capfilt.model.weights import (
     StateDict,
@@ -24,39 +24,6 @@ from capfilt.model.weights import (
 __all__ = ["init_text_from_bert", "init_vision_from_timm", "vit_key"]
 
 logger = logging.getLogger(__name__)
-
-# -------------------------------------------------------------------------------- timm ViT names
-
-_TIMM_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
-_TIMM_BLOCK_PARTS = {
-    "norm1.": "layer_norm1.",
-    "norm2.": "layer_norm2.",
-    "attn.qkv.": "self_attn.qkv.",
-    "attn.proj.": "self_attn.projection.",
-    "mlp.fc1.": "mlp.fc1.",
-    "mlp.fc2.": "mlp.fc2.",
-}
-_TIMM_TOP = {
-    "cls_token": "embeddings.class_embedding",
-    "pos_embed": "embeddings.position_embedding",
-    "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-    "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
-    "norm.weight": "post_layernorm.weight",
-    "norm.bias": "post_layernorm.bias",
-}
-
-
-def vit_key(key: str) -> str:
-    """A timm / BLIP ViT key -> its name inside BlipVisionModel; unknown keys come back as given
-    (and are then reported as unexpected)."""
-    if key in _TIMM_TOP:
-        return _TIMM_TOP[key]
-    m = _TIMM_BLOCK.fullmatch(key)
-    if m:
-        for old, new in _TIMM_BLOCK_PARTS.items():
-            if m.group(2).startswith(old):
-                return f"encoder.layers.{m.group(1)}.{new}{m.group(2)[len(old) :]}"
-    return key
 
 
 def init_vision_from_timm(med: Med, timm_state: Mapping[str, torch.Tensor] | nn.Module | str | Path) -> None:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from capfilt.core.errors import ConfigError
-from capfilt.model.config import MedConfig, get_config
+from capfilt.model.config import MedConfig
 
 if TYPE_CHECKING:
     from capfilt.model.med import Med
+    from capfilt.model.tokenizer import TokenIds
     from capfilt.model.weights import StateDict
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "MED_WEIGHTS",
     "CheckpointFormat",
     "CheckpointInfo",
+    "check_role",
     "checkpoint_format",
     "inspect_checkpoint",
     "load_checkpoint",
@@ -79,10 +81,15 @@ class CheckpointInfo:
 
 
 def inspect_checkpoint(
-    path: str | Path, config: MedConfig | str | None = None, *, enc_token_id: int | None = None
+    path: str | Path,
+    config: MedConfig | str | None = None,
+    *,
+    enc_token_id: int | None = None,
+    token_ids: TokenIds | None = None,
 ) -> CheckpointInfo:
-    """The MedConfig and heads of a checkpoint from its config files alone; ``config`` names the
-    architecture of a .pth (which carries none)."""
+    """The MedConfig and heads of a checkpoint without reading its weights: a folder's config
+    files, or a .pth's key names and shapes (memory-mapped). For a .pth ``config`` names the
+    family and ``token_ids`` the tokenizer's ids (see ``load_blip_pth``)."""
     path = Path(path)
     fmt = checkpoint_format(path)
     if fmt == "capfilt":
@@ -98,11 +105,75 @@ def inspect_checkpoint(
         part = arch_part(archs)
         heads = PART_HEADS[part] if part else frozenset()
         return CheckpointInfo(fmt, med_config_from_blip(hf, enc_token_id=enc_token_id), heads, archs)
-    if config is None:
-        raise _checkpoint_error(
-            f"{path} is an original BLIP checkpoint: pass its architecture, e.g. config='med-base'"
+    from capfilt.model.blip_keys import config_from_shapes, drop_reason, heads_from_keys
+
+    shapes = {k: tuple(v.shape) for k, v in _pth_tensors(path).items() if drop_reason(k) is None}
+    cfg = config_from_shapes(shapes, config, path, token_ids, enc_token_id)
+    return CheckpointInfo(fmt, cfg, heads_from_keys(shapes))
+
+
+def _pth_tensors(path: Path) -> StateDict:
+    from capfilt.model.weights import read_state_dict
+
+    return read_state_dict(path, mmap=True)
+
+
+# The heads each role of a CapFilt run needs, and where a checkpoint keeps them (for messages).
+_ROLE_NEEDS = {
+    "captioner": (
+        frozenset({"lm"}),
+        "an LM head (BLIP: text_decoder.*; transformers: BlipForConditionalGeneration)",
+    ),
+    "filter": (
+        frozenset({"itm", "itc"}),
+        "ITM and ITC heads (BLIP: text_encoder.*, itm_head.*, vision_proj.*, text_proj.*; "
+        "transformers: BlipForImageTextRetrieval)",
+    ),
+}
+
+
+def check_role(
+    path: str | Path, role: Literal["captioner", "filter"], *, label: str | None = None
+) -> frozenset[str]:
+    """The heads of a checkpoint, after checking it has those ``role`` needs (captioner: LM;
+    filter: ITM + projections); a ``ConfigError`` naming the file and the heads it has otherwise.
+    Reads config files or key names only, never the weights. ``label`` prefixes the message
+    (e.g. ``--captioner``)."""
+    path = Path(path)
+    label = label or role
+    if not path.exists():
+        raise ConfigError(f"{label} {path} does not exist")
+    try:
+        fmt = checkpoint_format(path)
+    except ConfigError as err:
+        raise ConfigError(
+            f"{label} {path} is not a capfilt model folder, a transformers BLIP folder or a .pth file"
+        ) from err
+    if fmt == "capfilt":
+        heads = frozenset(json.loads((path / MED_META).read_text()).get("heads", []))
+    elif fmt == "transformers":
+        from capfilt.model.hf import PART_HEADS, arch_part
+
+        archs = json.loads((path / HF_CONFIG).read_text()).get("architectures") or []
+        part = arch_part(archs)
+        heads = PART_HEADS[part] if part else frozenset()
+        if part != role:
+            hf_arch = "BlipForConditionalGeneration" if role == "captioner" else "BlipForImageTextRetrieval"
+            raise ConfigError(
+                f"{label} {path} holds {archs} (heads {sorted(heads) or 'none'}); "
+                f"a {role} is a {hf_arch} directory"
+            )
+    else:
+        from capfilt.model.blip_keys import drop_reason, heads_from_keys
+
+        keys = [k for k in _pth_tensors(path) if drop_reason(k) is None]
+        heads = heads_from_keys(keys)
+    need, where = _ROLE_NEEDS[role]
+    if not need <= heads:
+        raise ConfigError(
+            f"{label} {path} ({fmt}) has heads {sorted(heads) or 'none'}; a {role} needs {where}"
         )
-    return CheckpointInfo(fmt, get_config(config) if isinstance(config, str) else config, None)
+    return heads
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -178,10 +249,18 @@ def load_med(path: str | Path) -> Med:
 
 
 def load_checkpoint(
-    source: str | Path, config: MedConfig | str | None = None, *, enc_token_id: int | None = None
+    source: str | Path,
+    config: MedConfig | str | None = None,
+    *,
+    enc_token_id: int | None = None,
+    token_ids: TokenIds | None = None,
+    image_size: int | None = None,
+    strict: bool = True,
 ) -> Med:
     """Any supported checkpoint -> Med: a capfilt directory (save_med), a transformers directory
-    (load_hf), or an original BLIP file (load_blip_pth, which needs ``config``)."""
+    (load_hf), or an original BLIP file (load_blip_pth: ``config`` names its family, found from
+    its shapes when None; ``token_ids`` are its tokenizer's; ``image_size`` resizes its position
+    table; ``strict=False`` skips keys MED does not know). Folders carry their own config."""
     path = Path(source)
     fmt = checkpoint_format(path)
     if fmt == "capfilt":
@@ -190,10 +269,8 @@ def load_checkpoint(
         from capfilt.model.hf import load_hf
 
         return load_hf(path, enc_token_id=enc_token_id)
-    if config is None:
-        raise _checkpoint_error(
-            f"{path} is an original BLIP checkpoint: pass its architecture, e.g. config='med-base'"
-        )
     from capfilt.model.blip_pth import load_blip_pth
 
-    return load_blip_pth(path, config)
+    return load_blip_pth(
+        path, config, token_ids=token_ids, enc_token_id=enc_token_id, image_size=image_size, strict=strict
+    )

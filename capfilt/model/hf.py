@@ -28,6 +28,7 @@ __all__ = [
     "arch_part",
     "export_captioner",
     "export_filter",
+    "image_processor",
     "load_hf",
     "med_config_from_blip",
 ]
@@ -130,6 +131,27 @@ def load_hf(path: str | Path, *, enc_token_id: int | None = None) -> Med:
     return med
 
 
+def image_processor(image_size: int) -> Any:
+    """BLIP's eval preprocessing as a transformers BlipImageProcessor: a bicubic squash to
+    ``image_size`` square, then CLIP's mean/std (what ``capfilt.model.transforms.test_transform`` does)."""
+    from transformers import BlipImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    from capfilt.model.transforms import CLIP_MEAN, CLIP_STD
+
+    return BlipImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BICUBIC,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
 def _export(med: Med, out_dir: str | Path, part: Literal["captioner", "filter"], tokenizer: Any) -> Path:
     med.require(*PART_HEADS[part])
     out = Path(out_dir)
@@ -138,6 +160,7 @@ def _export(med: Med, out_dir: str | Path, part: Literal["captioner", "filter"],
     src = {k: v for k, v in med.state_dict().items() if k.startswith(_PART_PREFIXES[part])}
     assign(hf_model, src, list(hf_model.state_dict()), f"export of {med.config.name} as {cls.__name__}")
     hf_model.save_pretrained(out)
+    image_processor(med.config.vision.image_size).save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     logger.info("exported %s to %s", cls.__name__, out)
@@ -145,13 +168,16 @@ def _export(med: Med, out_dir: str | Path, part: Literal["captioner", "filter"],
 
 
 def export_captioner(med: Med, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Write a BlipForConditionalGeneration directory (safetensors) that plain transformers loads.
-    transformers' ``generate`` sets [DEC] itself; pass ``tokenizer`` to save it alongside."""
+    """Write a BlipForConditionalGeneration directory (safetensors) that plain transformers loads,
+    with ``preprocessor_config.json`` at the model's image size; pass ``tokenizer`` to save it
+    alongside, and ``BlipProcessor`` and the image-to-text pipeline run on the folder as is.
+    transformers' ``generate`` sets [DEC] itself."""
     return _export(med, out_dir, "captioner", tokenizer)
 
 
 def export_filter(med: Med, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Write a BlipForImageTextRetrieval directory (safetensors) that plain transformers loads.
+    """Write a BlipForImageTextRetrieval directory (safetensors) that plain transformers loads,
+    with ``preprocessor_config.json`` (and ``tokenizer``, when given) beside it.
 
     transformers' ITM forward does not put [ENC] first (transformers issues 22732, 25629): callers
     of the exported model must set ``input_ids[:, 0]`` to ``config.text_config.capfilt_enc_token_id``

@@ -402,6 +402,7 @@ class Med(nn.Module):
 
     def set_image_size(self, image_size: int) -> None:
         """Change the input resolution (e.g. 224 -> 384 for fine-tuning), resizing the position table."""
+        old_size = self.config.vision.image_size
         vision = self.config.vision.model_dump() | {"image_size": image_size}
         config = MedConfig.model_validate(self.config.model_dump() | {"vision": vision})
         emb = self.vision_model.embeddings
@@ -412,4 +413,11 @@ class Med(nn.Module):
         emb.num_positions = config.vision.num_patches + 1
         self.vision_model.config.image_size = image_size
         self.config = config
-        logger.info("image size set to %d px (%d patches)", image_size, config.vision.num_patches)
+        # A WARNING: the weights were trained at the other size, which callers should know.
+        logger.warning(
+            "image size changed from %d px to %d px: position embeddings resized (%d -> %d patches)",
+            old_size,
+            image_size,
+            (old_size // config.vision.patch_size) ** 2,
+            config.vision.num_patches,
+        )

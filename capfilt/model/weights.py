@@ -44,8 +44,13 @@ class CheckpointError(ConfigError):
 # --------------------------------------------------------------------------------------- reading
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, mmap: bool = False) -> Any:
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (non-zip) file cannot be mapped: read it
+                logger.debug("%s cannot be memory-mapped; reading it whole", path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
@@ -71,9 +76,10 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
     return dict(obj)
 
 
-def read_state_dict(path: str | Path) -> StateDict:
+def read_state_dict(path: str | Path, *, mmap: bool = False) -> StateDict:
     """Tensors from a .safetensors file, a .pth/.pt/.bin file (weights only), or a transformers
-    directory (model.safetensors, a sharded index, or pytorch_model.bin)."""
+    directory (model.safetensors, a sharded index, or pytorch_model.bin). ``mmap``: a .pth's
+    tensors are mapped, not read, so keys and shapes cost no weight reads."""
     path = Path(path)
     if path.is_dir():
         if (path / "model.safetensors").is_file():
@@ -94,7 +100,7 @@ def read_state_dict(path: str | Path) -> StateDict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return load_file(path)
-    return _unwrap(_torch_load(path), path)
+    return _unwrap(_torch_load(path, mmap), path)
 
 
 # ------------------------------------------------------------------------------ checked assignment
@@ -119,12 +125,17 @@ def assign(
     required: Iterable[str],
     what: str,
     source_names: Mapping[str, str] | None = None,
+    *,
+    strict: bool = True,
+    missing_name: Callable[[str], str] | None = None,
 ) -> None:
     """Copy ``source`` into ``module``'s tensors after checking every key and shape.
 
     Keys that name one shared tensor (tied weights, MED's encoder/decoder sharing) count as
     one: a required key is satisfied by any of its aliases, and aliases given twice must agree.
-    ``source_names`` maps a converted key back to the checkpoint's own name for messages.
+    ``source_names`` maps a converted key back to the checkpoint's own name for messages, and
+    ``missing_name`` does the same for the model's keys that the checkpoint lacks. ``strict=False``
+    skips (with a WARNING naming them) keys the model does not have instead of failing.
     """
     names = source_names or {}
     target = live_tensors(module)
@@ -133,6 +144,12 @@ def assign(
         groups.setdefault(id(tensor), []).append(key)
 
     unexpected = [names.get(k, k) for k in source if k not in target]
+    if unexpected and not strict:
+        logger.warning(
+            "%s: ignoring %d keys the model does not have: %s", what, len(unexpected), key_list(unexpected)
+        )
+        source = {k: v for k, v in source.items() if k in target}
+        unexpected = []
     misshaped = [
         f"{names.get(k, k)}: checkpoint {list(v.shape)} vs model {list(target[k].shape)}"
         for k, v in source.items()
@@ -149,7 +166,8 @@ def assign(
             conflicting.append(" = ".join(names.get(a, a) for a in given))
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys: {key_list(missing)}")
+        shown = [missing_name(k) for k in missing] if missing_name else missing
+        problems.append(f"{len(missing)} missing keys: {key_list(shown)}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys: {key_list(unexpected)}")
     if misshaped:

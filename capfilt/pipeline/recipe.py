@@ -79,7 +79,9 @@ class ModelInit(BaseModel):
     captioner: str | None = None  # skip the captioner fine-tune and use this one
     filter: str | None = None  # skip the filter fine-tune and use this one
     tokenizer: str | None = None
-    arch: str | None = None  # architecture of the BLIP .pth files above (e.g. med-base); dirs carry theirs
+    # Family of the BLIP .pth files above (e.g. med-base): head counts and eps. Their image size,
+    # widths and depths come from the weights; None finds the family by widths. Dirs carry theirs.
+    arch: str | None = None
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -166,10 +168,6 @@ class Recipe(BaseModel):
             for k in ("pretrained", "captioner", "filter")
             if str(getattr(self.init, k) or "").endswith((".pth", ".pt"))
         ]
-        if pth and self.init.arch is None:
-            raise ValueError(
-                f"init.arch: {', '.join(pth)} is a BLIP .pth; name its architecture (e.g. med-base)"
-            )
         if pth and self.init.tokenizer is None:
             raise ValueError(
                 f"init.tokenizer: {', '.join(pth)} is a BLIP .pth, which holds no tokenizer; name a "

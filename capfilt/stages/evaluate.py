@@ -77,7 +77,7 @@ def evaluate_run(run: Any, d: Path) -> dict[str, Any]:
     from capfilt.eval.report import write_report
     from capfilt.eval.split import load_split, load_world_test_split
     from capfilt.model.checkpoint import load_checkpoint
-    from capfilt.model.tokenizer import load_tokenizer
+    from capfilt.model.tokenizer import TokenIds, load_tokenizer
     from capfilt.stages.capfilt.rethreshold import read_candidates
     from capfilt.stages.download import read_samples
     from capfilt.world import load_world
@@ -95,8 +95,9 @@ def evaluate_run(run: Any, d: Path) -> dict[str, Any]:
         if not run.has(stage):
             continue
         res = run.manifest(stage)["result"]
-        med = load_checkpoint(res["model_dir"], rec.init.arch)
         tok = load_tokenizer(res["tokenizer_dir"])
+        # A .pth holds no token ids: the tokenizer's (folders carry theirs and ignore these).
+        med = load_checkpoint(res["model_dir"], rec.init.arch, token_ids=TokenIds.from_tokenizer(tok))
         log.info("evaluate: %s (%s)", label, res["model_dir"])
         rounds[label] = evaluate_model(med, tok, split, cfg, world=world)
     quality: dict[str, Any] = {}

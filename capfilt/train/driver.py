@@ -144,7 +144,8 @@ def _prepare_model_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) 
     if cfg.init:
         from capfilt.model.checkpoint import load_checkpoint
 
-        med = load_checkpoint(cfg.init, cfg.model, enc_token_id=ids.enc)  # fail now, not in a worker
+        # fail now, not in a worker; a .pth takes the tokenizer's ids (folders carry their own)
+        med = load_checkpoint(cfg.init, cfg.model, enc_token_id=ids.enc, token_ids=ids)
         t = med.config.text
         if t.vocab_size != ids.vocab_size or (t.dec_token_id, t.enc_token_id) != (ids.bos, ids.enc):
             raise ConfigError(

@@ -120,7 +120,8 @@ def build_med(cfg: TrainConfig, med_config: MedConfig) -> Med:
     if cfg.init:
         from capfilt.model.checkpoint import load_checkpoint
 
-        med = load_checkpoint(cfg.init, cfg.model, enc_token_id=med_config.text.enc_token_id)
+        # med_config is what the driver read from this checkpoint: a .pth's family and token ids.
+        med = load_checkpoint(cfg.init, med_config, enc_token_id=med_config.text.enc_token_id)
         med.heads = med.heads | cfg.trained_heads()
     else:
         med = Med(med_config)

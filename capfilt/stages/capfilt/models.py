@@ -14,6 +14,7 @@ from capfilt.stages.capfilt.config import CapFiltConfig
 if TYPE_CHECKING:
     from capfilt.model.config import MedConfig
     from capfilt.model.med import Med
+    from capfilt.model.tokenizer import TokenIds
 
 __all__ = ["ModelRef", "load_model", "model_id", "resolve_model"]
 
@@ -31,30 +32,13 @@ class ModelRef:
     image_size: int
 
 
-def _read_med_config(path: Path, arch: str | None, role: str) -> MedConfig:
-    """The MedConfig of a checkpoint from its config files alone, checking it has the role's heads."""
+def _read_med_config(path: Path, arch: str | None, ids: TokenIds) -> MedConfig:
+    """The MedConfig of a checkpoint from its config files (a folder) or key shapes (a .pth)."""
     from capfilt.model.checkpoint import checkpoint_format, inspect_checkpoint
-    from capfilt.model.hf import CAPTIONER_ARCH, FILTER_ARCH
 
-    head, hf_arch = {"captioner": ("lm", CAPTIONER_ARCH), "filter": ("itm", FILTER_ARCH)}[role]
-    try:
-        fmt = checkpoint_format(path)
-    except ConfigError as err:
-        raise ConfigError(
-            f"--{role} {path} is not a capfilt model folder, a transformers BLIP folder or a .pth file"
-        ) from err
-    if fmt == "blip_pth" and arch is None:
-        raise ConfigError(
-            f"--{role} {path} is an original BLIP checkpoint: name its architecture (e.g. med-base)"
-        )
-    info = inspect_checkpoint(path, arch)
-    if fmt == "transformers" and hf_arch not in info.architectures:
-        raise ConfigError(
-            f"--{role} {path} holds {list(info.architectures)}; a {role} is a {hf_arch} directory"
-        )
-    if fmt == "capfilt" and head not in (info.heads or ()):
-        raise ConfigError(f"--{role} {path} has heads {sorted(info.heads or ())}; a {role} needs {head!r}")
-    return info.config
+    if checkpoint_format(path) == "blip_pth":
+        return inspect_checkpoint(path, arch, token_ids=ids).config  # the .pth holds no token ids
+    return inspect_checkpoint(path).config
 
 
 def resolve_model(
@@ -64,15 +48,15 @@ def resolve_model(
     arch: str | None = None,
 ) -> ModelRef:
     """Check a checkpoint and its tokenizer before any work starts: the role's heads are there and
-    the tokenizer's special ids are the model's."""
+    the tokenizer's special ids are the model's. A .pth's image size is read from its weights."""
+    from capfilt.model.checkpoint import check_role
     from capfilt.model.tokenizer import TokenIds, find_tokenizer, load_tokenizer
 
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"--{role} {path} does not exist")
-    config = _read_med_config(path, arch, role)
+    check_role(path, role, label=f"--{role}")  # key names only: fails before anything is loaded
     tok_dir = find_tokenizer(path, tokenizer)
     ids = TokenIds.from_tokenizer(load_tokenizer(tok_dir))
+    config = _read_med_config(path, arch, ids)
     t = config.text
     pairs = {"[PAD]": (ids.pad, t.pad_token_id), "[SEP]": (ids.sep, t.sep_token_id)}
     pairs |= {"[DEC]": (ids.bos, t.dec_token_id), "[ENC]": (ids.enc, t.enc_token_id)}
@@ -93,9 +77,13 @@ def load_model(ref: ModelRef, role: Literal["captioner", "filter"], cfg: CapFilt
     """Load a checkpoint for inference on the worker's device, in ``cfg.dtype``, in eval mode."""
     import torch
 
-    from capfilt.model.checkpoint import load_checkpoint
+    from capfilt.model.checkpoint import checkpoint_format, load_checkpoint
+    from capfilt.model.tokenizer import TokenIds, load_tokenizer
 
-    med = load_checkpoint(ref.path, ref.arch)
+    ids = None
+    if checkpoint_format(ref.path) == "blip_pth":  # its special ids are the tokenizer's
+        ids = TokenIds.from_tokenizer(load_tokenizer(ref.tokenizer))
+    med = load_checkpoint(ref.path, ref.arch, token_ids=ids)
     med.require(*(("lm",) if role == "captioner" else ("itm", "itc")))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return med.to(device=device, dtype=getattr(torch, cfg.dtype)).eval()
