@@ -424,6 +424,37 @@ def test_a_recipe_may_leave_out_arch_for_a_pth_but_not_its_tokenizer(tmp_path):
         recipe_model().model_validate(base | {"init": init}, context={"check_paths": False})
 
 
+def test_a_published_model_of_the_wrong_role_fails_in_validate(tmp_path):
+    """A retrieval .pth given as the captioner is refused by `capfilt validate`, before any work,
+    naming the field, the file and the heads it has (it used to fail inside the Ray actor)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    body = {
+        "name": "roles",
+        "out": str(tmp_path / "run"),
+        "stages": ["world", "finetune"],
+        "world": {"n_web": 10, "n_human": 4, "n_test": 4},
+        "init": {
+            "captioner": str(GOLDEN / "retrieval_tiny.pth"),
+            "filter": str(GOLDEN / "retrieval_tiny.pth"),
+            "tokenizer": str(GOLDEN / "tokenizer"),
+        },
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(body))
+    out = CliRunner().invoke(app, ["validate", str(path)])
+    assert out.exit_code == 2
+    assert "init.captioner" in out.output and "retrieval_tiny.pth" in out.output
+    assert "['itc', 'itm']" in out.output and "captioner needs an LM" in out.output
+    body["init"]["captioner"] = str(GOLDEN / "caption_tiny.pth")
+    path.write_text(yaml.safe_dump(body))
+    ok = CliRunner().invoke(app, ["validate", str(path)])
+    assert ok.exit_code == 0, ok.output
+
+
 def test_check_role_maps_the_file_instead_of_reading_its_weights(monkeypatch):
     calls = []
     real = torch.load

@@ -198,7 +198,9 @@ def test_the_terminal_shows_our_lines_and_the_log_file_keeps_everything(tmp_path
             sys.stderr.write(
                 "(RayTrainWorker pid=77) 10:00:01 INFO capfilt.train.loop [pretrain]: step 100\n"
             )
-            sys.stderr.write("\x1b[33m(raylet)\x1b[0m WARNING: 12 PYTHON worker processes have been started\n")
+            sys.stderr.write(
+                "\x1b[33m(raylet)\x1b[0m WARNING: 12 PYTHON worker processes have been started\n"
+            )
             sys.stderr.write("a line of ours\n")
     finally:
         root.removeHandler(console)

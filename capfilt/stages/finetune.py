@@ -40,8 +40,19 @@ class FinetuneStage(Stage):
 
     def check(self, recipe: Any, check_paths: bool) -> None:
         for role in ROLES:
-            if not self.given(recipe, role):
+            given = self.given(recipe, role)
+            if not given:
                 self._section(recipe, role)
+            elif check_paths:
+                # A published model must have the heads its role needs (a retrieval .pth is no
+                # captioner): said now, naming the file and its heads, not inside a Ray actor.
+                from capfilt.core.errors import ConfigError
+                from capfilt.model.checkpoint import check_role
+
+                try:
+                    check_role(given, role, label=f"init.{role}")  # type: ignore[arg-type]
+                except ConfigError as err:
+                    raise ValueError(str(err)) from None
 
     def upstream(self, recipe: Any) -> list[str]:
         return ["pretrain"]
