@@ -69,7 +69,7 @@ def make_inputs(root: Path, n_images: int, image_size: int, shard_size: int) -> 
     import pyarrow.parquet as pq
 
     from capfilt.core import schema as S
-    from capfilt.model.interop import export_captioner, export_filter
+    from capfilt.model.hf import export_captioner, export_filter
     from capfilt.testing import tiny_med, tiny_tokenizer
     from capfilt.world import WorldConfig, make_world
 
@@ -125,7 +125,8 @@ def _samples(data: Path) -> tuple[list[bytes], list[str]]:
 
 
 def run_stage(inputs: dict[str, Path], out: Path, k: int, batch_size: int, captioner_actors: int) -> float:
-    from capfilt.stages.capfilt.driver import CapFiltConfig, run_capfilt
+    from capfilt.stages.capfilt.config import CapFiltConfig
+    from capfilt.stages.capfilt.driver import run_capfilt
 
     cfg = CapFiltConfig(k=k, batch_size=batch_size, captioner_actors=captioner_actors, max_length=MAX_LENGTH)
     t0 = time.perf_counter()
@@ -237,7 +238,8 @@ def run_batched(
 
 _RSS_CHILD = """
 import json, sys, time
-from capfilt.stages.capfilt.driver import CapFiltConfig, run_capfilt
+from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.capfilt.driver import run_capfilt
 from capfilt.core.cluster import ensure_ray
 ensure_ray(num_cpus=4)
 a = json.loads(sys.argv[1])

@@ -32,7 +32,7 @@ GOALS = {"kept_web_correct": 0.95, "kept_synthetic_correct": 0.90, "filter_auc":
 
 def measure(run_dir: Path, threshold: float) -> dict[str, Any]:
     from capfilt.eval.quality import evaluate_capfilt
-    from capfilt.stages.capfilt.driver import read_candidates
+    from capfilt.stages.capfilt.rethreshold import read_candidates
     from capfilt.stages.download import read_samples
     from capfilt.world import load_world
 

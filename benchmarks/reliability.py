@@ -126,7 +126,7 @@ def capfilt_rows(data: Path, out: Path) -> dict[str, Any]:
 
     from capfilt.core import schema as S
     from capfilt.core.shards import STATS_DIR
-    from capfilt.stages.capfilt.driver import read_candidates
+    from capfilt.stages.capfilt.rethreshold import read_candidates
 
     images: dict[str, str] = {}
     for f in sorted(data.glob("[0-9]*.parquet")):
@@ -155,7 +155,7 @@ def same_samples(a: Path, b: Path) -> bool:
 
 
 def same_capfilt(a: Path, b: Path) -> bool:
-    from capfilt.stages.capfilt.driver import read_candidates, read_cleaned
+    from capfilt.stages.capfilt.rethreshold import read_candidates, read_cleaned
 
     keys = [("uid", "ascending"), ("text_uid", "ascending")]
     return bool(
@@ -201,7 +201,7 @@ class Faults:
     """The fault scenarios, sharing one world, its reference runs and the models."""
 
     def __init__(self, work: Path, n_web: int, rec: Record) -> None:
-        from capfilt.stages.capfilt.driver import CapFiltConfig
+        from capfilt.stages.capfilt.config import CapFiltConfig
         from capfilt.stages.download import DownloadConfig
         from capfilt.world import WorldConfig, make_world
 
@@ -559,7 +559,8 @@ def run_faults(work: Path, n_web: int, rec: Record, names: list[str]) -> None:
 
 _SOAK_CHILD = """
 import json, sys, time
-from capfilt.stages.capfilt.driver import CapFiltConfig, run_capfilt
+from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.capfilt.driver import run_capfilt
 from capfilt.core.cluster import ensure_ray
 from capfilt.stages.download import DownloadConfig, run_download
 a = json.loads(sys.argv[1])
@@ -747,7 +748,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in (
         "capfilt.stages.download",
-        "capfilt.stages.capfilt.driver",
+        "capfilt.stages.capfilt",
         "capfilt.train.loop",
         "capfilt.train.driver",
         "capfilt.io.urllist",

@@ -62,7 +62,7 @@ def run_seed(recipe: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
 def from_run(run_dir: Path) -> dict[str, Any]:
     """The figures of a finished run folder (e.g. `make demo`'s runs/demo), read from its stage
     manifests; its wall time is the sum of the stages' own."""
-    from capfilt.pipeline.runner import STAGES_DIR
+    from capfilt.core.layout import STAGES_DIR
 
     stages = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / STAGES_DIR).glob("*.json"))}
     stages = {k: v for k, v in stages.items() if not k.startswith("_")}

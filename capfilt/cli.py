@@ -6,11 +6,15 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from capfilt.cli_config import config_options
 from capfilt.core.errors import ConfigError, StageFailed
+from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.download import DownloadConfig
+from capfilt.train.config import TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -32,9 +36,26 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+_verbose = False
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging, and Ray's own output on the terminal.")
+    ] = False,
+) -> None:
+    global _verbose
+    _verbose = verbose
     _setup_logging(verbose)
+
+
+def _engine_log(run_dir: Path) -> Any:
+    """Everything logged (Ray's chatter too) into the run folder's log; the terminal keeps ours."""
+    from capfilt.core.layout import LOG_FILE
+    from capfilt.core.logs import engine_log
+
+    return engine_log(run_dir / LOG_FILE, verbose=_verbose)
 
 
 def _fail(err: Exception) -> None:
@@ -98,7 +119,15 @@ def world_serve(
             typer.echo("stopped")
 
 
+def _set_option() -> Any:
+    return typer.Option(
+        "--set",
+        help="Set a recipe field, FIELD=VALUE with VALUE in YAML, e.g. --set capfilt.k=3; repeat for more.",
+    )
+
+
 @app.command()
+@config_options(DownloadConfig, aliases={"url_policy": "--policy"})
 def download(
     urls: Annotated[Path, typer.Option(help="URL list: .parquet, .csv, .tsv or .jsonl.")],
     out: Annotated[Path, typer.Option(help="Output folder for the Parquet shards.")],
@@ -107,55 +136,49 @@ def download(
     input_format: Annotated[
         str | None, typer.Option(help="parquet|csv|tsv|jsonl; default: from extension.")
     ] = None,
-    image_size: int = 384,
-    shard_size: int = 10_000,
-    thread_count: int = 32,
-    timeout: float = 10.0,
-    retries: int = 0,
-    source: Annotated[str, typer.Option(help="Dataset name mixed into each row's uid.")] = "web",
     ray_address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster; default: local Ray.")
     ] = None,
-    url_policy: Annotated[
-        str,
-        typer.Option(
-            help="Addresses a URL or redirect may reach: public (refuses loopback, private, link-local "
-            "and cloud metadata addresses), allow_loopback (also 127.0.0.0/8 and ::1, e.g. `capfilt "
-            "world serve`) or allow_private (also private networks). Link-local is always refused."
-        ),
-    ] = "public",
     allow_loopback: Annotated[
         bool, typer.Option("--allow-loopback", help="Short for --url-policy allow_loopback.")
     ] = False,
+    config: dict[str, Any] | None = None,
 ) -> None:
-    """Download a URL list with img2dataset on Ray into Parquet shards, one row per input row."""
+    """Download a URL list with img2dataset on Ray into Parquet shards, one row per input row.
+    Every field of a recipe's `download:` section is an option."""
     from capfilt.stages.download import DownloadConfig, run_download
 
-    if allow_loopback and url_policy == "public":
-        url_policy = "allow_loopback"
-
+    options = dict(config or {})
+    if allow_loopback:
+        options.setdefault("url_policy", "allow_loopback")
     try:
-        cfg = DownloadConfig(
-            image_size=image_size,
-            shard_size=shard_size,
-            thread_count=thread_count,
-            timeout=timeout,
-            retries=retries,
-            source=source,
-            url_policy=url_policy,  # type: ignore[arg-type]  # pydantic checks it: a clear error
-        )
-        summary = run_download(
-            urls,
-            out,
-            cfg,
-            url_col=url_col,
-            caption_col=caption_col or None,
-            input_format=input_format,
-            ray_address=ray_address,
-        )
-    except (ConfigError, ValueError, StageFailed) as err:
+        cfg = _validated(DownloadConfig, options, "download")
+        with _engine_log(out):
+            summary = run_download(
+                urls,
+                out,
+                cfg,
+                url_col=url_col,
+                caption_col=caption_col or None,
+                input_format=input_format,
+                ray_address=ray_address,
+            )
+    except (ConfigError, StageFailed) as err:
         _fail(err)
     _print_block("download summary", summary.lines())
+
+
+def _validated(model: Any, options: dict[str, Any], what: str) -> Any:
+    """`model` built from CLI options; a ConfigError naming the option on bad values."""
+    from pydantic import ValidationError
+
+    from capfilt.pipeline.recipe import validation_lines
+
+    try:
+        return model.model_validate(options)
+    except ValidationError as err:
+        lines = [line.replace("  ", "  --", 1).replace("_", "-") for line in validation_lines(err)]
+        raise ConfigError(f"invalid {what} options:\n" + "\n".join(lines)) from err
 
 
 @app.command()
@@ -165,78 +188,56 @@ def run(
     ray_address: Annotated[
         str | None, typer.Option(help="Override the recipe's ray_address (e.g. auto); 'local': local Ray.")
     ] = None,
+    set_: Annotated[list[str] | None, _set_option()] = None,
 ) -> None:
     """Run the stages a recipe names, skipping work already done."""
-    from capfilt.pipeline.recipe import load_recipe
+    from capfilt.pipeline.recipe import load_recipe, parse_assignments
     from capfilt.pipeline.runner import run_recipe, summary_blocks
 
     t0 = time.time()
-    overrides: dict[str, str | None] = {"out": str(out)} if out else {}
-    if ray_address:
-        overrides["ray_address"] = None if ray_address == "local" else ray_address
     try:
+        overrides = parse_assignments(set_)
+        if out:
+            overrides["out"] = str(out)
+        if ray_address:
+            overrides["ray_address"] = None if ray_address == "local" else ray_address
         rec = load_recipe(recipe, overrides)
-        result = run_recipe(rec)
+        with _engine_log(Path(rec.out)):
+            result = run_recipe(rec)
     except (ConfigError, StageFailed) as err:
         _fail(err)
     for title, lines in summary_blocks(result):
         _print_block(title, lines)
-    typer.echo(f"\nrun {rec.name} finished in {time.time() - t0:.1f} s; outputs in {result.out}")
+    typer.echo(f"\nrun {rec.name} finished in {time.time() - t0:.0f} s; outputs in {result.out}")
+
+
+_TRAIN_FIXED = ("data", "out_dir", "run_name")
 
 
 @app.command()
+@config_options(
+    TrainConfig, exclude=_TRAIN_FIXED, aliases={"num_workers": "--workers", "use_gpu": "--gpu/--cpu"}
+)
 def pretrain(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, tokenizer, final model.")],
     data: Annotated[
         list[Path] | None,
         typer.Option(help="Download or cleaned shard folder, or COCO-Karpathy JSON; repeat for more."),
     ] = None,
-    model: Annotated[
-        str, typer.Option(help="Architecture name (see models/) or a MedConfig JSON.")
-    ] = "med-tiny",
-    init: Annotated[
-        str | None, typer.Option(help="Start from this checkpoint (capfilt, transformers or .pth).")
-    ] = None,
-    tokenizer: Annotated[
-        Path | None, typer.Option(help="Tokenizer folder; default: train a WordPiece on the data.")
-    ] = None,
-    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
-    gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker, bf16 autocast.")] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
     ] = False,
-    steps: Annotated[int | None, typer.Option(help="Total optimizer steps.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (with --steps: whichever ends first).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Per worker (default 16).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 3e-4).")] = None,
-    warmup_steps: Annotated[
-        int | None, typer.Option(help="Linear warmup (default 3000, or a tenth of --steps when less).")
-    ] = None,
-    checkpoint_every: Annotated[
-        int | None, typer.Option(help="Steps between checkpoints (default 1000).")
-    ] = None,
-    log_every: Annotated[int | None, typer.Option(help="Steps between log lines (default 50).")] = None,
-    seed: int = 0,
     ray_address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster; default: local Ray.")
     ] = None,
+    config: dict[str, Any] | None = None,
 ) -> None:
-    """Pretrain MED with ITC + ITM + LM on Ray Train (BLIP's recipe); --resume continues a run."""
-    from pydantic import ValidationError
-
+    """Pretrain MED with ITC + ITM + LM on Ray Train (BLIP's recipe); --resume continues a run.
+    Every field of a recipe's training section is an option."""
     from capfilt.train.config import CONFIG_FILE, TrainConfig
     from capfilt.train.driver import run_training
 
-    options = {
-        "steps": steps,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "warmup_steps": warmup_steps,
-        "checkpoint_every": checkpoint_every,
-        "log_every": log_every,
-    }
-    given = {k: v for k, v in options.items() if v is not None}
+    given = dict(config or {})
     try:
         if resume and not data:
             # Resuming needs no flags again: the run folder remembers them.
@@ -244,35 +245,21 @@ def pretrain(
             if not saved_path.is_file():
                 raise ConfigError(f"nothing to resume in {out}: no {CONFIG_FILE}; pass --data to start a run")
             saved = TrainConfig.model_validate_json(saved_path.read_text())
-            cfg = TrainConfig.model_validate(
-                saved.model_dump() | given | {"num_workers": workers, "use_gpu": gpu, "out_dir": str(out)}
-            )
+            cfg = _validated(TrainConfig, saved.model_dump() | given | {"out_dir": str(out)}, "training")
         else:
             if not data:
                 raise ConfigError("pass --data with at least one shard folder or JSON file")
-            if "warmup_steps" not in given and steps is not None:
-                given["warmup_steps"] = min(3000, steps // 10)
-            cfg = TrainConfig(
-                model=model,
-                init=init,
-                tokenizer=str(tokenizer) if tokenizer else None,
-                data=[str(d) for d in data],
-                out_dir=str(out),
-                run_name="pretrain",
-                num_workers=workers,
-                use_gpu=gpu,
-                seed=seed,
-                **given,
-            )
-        summary = run_training(cfg, ray_address=ray_address, resume=resume)
-    except ValidationError as err:
-        _fail(ConfigError(f"invalid training options: {err}"))
+            options = {"run_name": "pretrain", **given, "data": [str(d) for d in data], "out_dir": str(out)}
+            cfg = _validated(TrainConfig, options, "training")
+        with _engine_log(out):
+            summary = run_training(cfg, ray_address=ray_address, resume=resume)
     except (ConfigError, ValueError, StageFailed) as err:
         _fail(err)
     _print_block("pretrain summary", summary.lines())
 
 
 @app.command("capfilt")
+@config_options(CapFiltConfig)
 def capfilt_cmd(
     data: Annotated[Path, typer.Option(help="Download folder (SAMPLE shards) of the web images.")],
     out: Annotated[Path, typer.Option(help="Run folder: cleaned/, candidates/, _stats/, _summary.json.")],
@@ -294,32 +281,6 @@ def capfilt_cmd(
     arch: Annotated[
         str | None, typer.Option(help="Architecture of a .pth checkpoint, e.g. med-base.")
     ] = None,
-    k: Annotated[int, typer.Option(help="Synthetic captions per image (BLIP: 1).")] = 1,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
-    beam: Annotated[
-        int | None, typer.Option(help="Beam search with N beams instead of nucleus sampling (1: greedy).")
-    ] = None,
-    min_length: Annotated[int, typer.Option(help="Tokens, counting [DEC] and the prompt.")] = 5,
-    max_length: Annotated[int, typer.Option(help="Tokens, counting [DEC] and the prompt.")] = 30,
-    repetition_penalty: Annotated[
-        float | None, typer.Option(help="[default: 1.1 when sampling, 1.0 for beam search]")
-    ] = None,
-    prompt: Annotated[
-        str, typer.Option(help="Decoder prompt, stripped from the captions.")
-    ] = "a picture of ",
-    seed: Annotated[
-        int, typer.Option(help="Caption k of image uid is sampled from seed (seed, uid, k).")
-    ] = 0,
-    threshold: Annotated[float, typer.Option(help="Keep a text when its ITM p(match) >= this.")] = 0.5,
-    images: Annotated[
-        str, typer.Option(help="include: copy image bytes into cleaned shards; reference: image_ref only.")
-    ] = "include",
-    round_: Annotated[int, typer.Option("--round", help="CapFilt round recorded on every row.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 32,
-    actors: Annotated[int, typer.Option(help="Actors per model.")] = 1,
-    captioner_actors: Annotated[int | None, typer.Option(help="[default: --actors]")] = None,
-    filter_actors: Annotated[int | None, typer.Option(help="[default: --actors]")] = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     human: Annotated[
         Path | None, typer.Option(help="Human pairs to pass through: Karpathy-style JSON or a shards folder.")
     ] = None,
@@ -332,49 +293,29 @@ def capfilt_cmd(
     max_shards: Annotated[
         int | None, typer.Option(help="Stop after this many input shards; rerun to finish.")
     ] = None,
+    config: dict[str, Any] | None = None,
 ) -> None:
-    """Caption and filter downloaded images (BLIP's CapFilt) into cleaned shards; reruns resume."""
-    from pydantic import ValidationError
-
-    from capfilt.stages.capfilt.driver import CapFiltConfig, run_capfilt
+    """Caption and filter downloaded images (BLIP's CapFilt) into cleaned shards; reruns resume.
+    Every field of a recipe's `capfilt:` section is an option."""
+    from capfilt.stages.capfilt.driver import run_capfilt
 
     try:
-        cfg = CapFiltConfig.model_validate(
-            {
-                "k": k,
-                "top_p": top_p,
-                "sample": beam is None,
-                "num_beams": beam or 1,
-                "min_length": min_length,
-                "max_length": max_length,
-                "repetition_penalty": repetition_penalty,
-                "prompt": prompt,
-                "seed": seed,
-                "threshold": threshold,
-                "images": images,
-                "round": round_,
-                "batch_size": batch_size,
-                "captioner_actors": captioner_actors or actors,
-                "filter_actors": filter_actors or actors,
-                "dtype": dtype,
-            }
-        )
-        summary = run_capfilt(
-            data,
-            out,
-            captioner,
-            filter_,
-            cfg,
-            ray_address,
-            tokenizer=tokenizer,
-            arch=arch,
-            human=human,
-            human_images=human_images,
-            max_shards=max_shards,
-        )
-    except ValidationError as err:
-        _fail(ConfigError(f"invalid CapFilt options: {err}"))
-    except (ConfigError, ValueError, StageFailed) as err:
+        cfg = _validated(CapFiltConfig, dict(config or {}), "CapFilt")
+        with _engine_log(out):
+            summary = run_capfilt(
+                data,
+                out,
+                captioner,
+                filter_,
+                cfg,
+                ray_address,
+                tokenizer=tokenizer,
+                arch=arch,
+                human=human,
+                human_images=human_images,
+                max_shards=max_shards,
+            )
+    except (ConfigError, StageFailed) as err:
         _fail(err)
     _print_block("capfilt summary", summary.lines())
 
@@ -385,7 +326,7 @@ def rethreshold(
     threshold: Annotated[float, typer.Option(help="Keep a text when its ITM p(match) >= this.")],
 ) -> None:
     """Re-decide a CapFilt run at a new threshold from its candidates table; no model runs."""
-    from capfilt.stages.capfilt.driver import rethreshold as rethreshold_run
+    from capfilt.stages.capfilt.rethreshold import rethreshold as rethreshold_run
 
     try:
         summary = rethreshold_run(run, threshold)
@@ -404,12 +345,14 @@ def validate(
             help="Check that the recipe's input files exist (skip: a cluster recipe, checked elsewhere).",
         ),
     ] = True,
+    set_: Annotated[list[str] | None, _set_option()] = None,
 ) -> None:
-    """Check a recipe without running it."""
-    from capfilt.pipeline.recipe import load_recipe
+    """Check a recipe without running it: every field, every cross-stage rule and, unless
+    --skip-paths, that every input file and every image the human JSONs name exists."""
+    from capfilt.pipeline.recipe import load_recipe, parse_assignments
 
     try:
-        rec = load_recipe(recipe, check_paths=check_paths)
+        rec = load_recipe(recipe, parse_assignments(set_), check_paths=check_paths)
     except ConfigError as err:
         _fail(err)
     unchecked = "" if check_paths else " (input paths not checked)"

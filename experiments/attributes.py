@@ -115,7 +115,7 @@ def caption_accuracy(med: Any, tokenizer: Any, pil_images: list[Any], scenes: li
 def measure_run(run: Path, n: int, seed: int) -> dict[str, Any]:
     import torch
 
-    from capfilt.model.interop import load_checkpoint
+    from capfilt.model.checkpoint import load_checkpoint
     from capfilt.model.tokenizer import load_tokenizer
     from capfilt.model.transforms import test_transform
     from capfilt.world.render import render

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 from capfilt.eval.quality import roc_auc
-from capfilt.model.interop import load_med
+from capfilt.model.checkpoint import load_med
 from capfilt.model.tokenizer import load_tokenizer
 from capfilt.model.transforms import decode_image, test_transform
 from capfilt.train.config import TrainConfig

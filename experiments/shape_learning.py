@@ -134,7 +134,7 @@ class Probe:
 
 
 def run_probe_variant(name: str, steps: int, every: int, probe: Probe, run: Path) -> dict[str, Any]:
-    from capfilt.model.interop import load_med
+    from capfilt.model.checkpoint import load_med
     from capfilt.model.med import Med
     from capfilt.model.tokenizer import load_tokenizer, tokenize
     from capfilt.model.transforms import train_transform

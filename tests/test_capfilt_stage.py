@@ -19,29 +19,21 @@ from typer.testing import CliRunner
 from capfilt.cli import app
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
+from capfilt.core.layout import CANDIDATES_DIR, CAPTIONS_DIR, CLEANED_DIR
 from capfilt.core.shards import STATS_DIR
 from capfilt.core.text import pre_caption
 from capfilt.model.tokenizer import load_tokenizer, tokenize, train_wordpiece
 from capfilt.model.transforms import decode_image, test_transform
-from capfilt.stages.capfilt.driver import (
-    CANDIDATES_DIR,
-    CLEANED_DIR,
-    REASON_BELOW,
-    REASON_EMPTY,
-    REASON_UNDECODABLE,
-    CapFiltConfig,
-    caption_batch,
-    load_model,
-    pixel_column,
-    pixel_values,
-    preprocess_batch,
-    read_candidates,
-    read_cleaned,
-    resolve_model,
-    rethreshold,
-    run_capfilt,
-    score_batch,
-)
+from capfilt.stages.capfilt.caption import caption_batch
+from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.capfilt.decisions import REASON_BELOW, REASON_EMPTY, REASON_UNDECODABLE
+from capfilt.stages.capfilt.driver import run_capfilt
+from capfilt.stages.capfilt.models import load_model, resolve_model
+from capfilt.stages.capfilt.pixels import pixel_column, pixel_values, preprocess_batch
+from capfilt.stages.capfilt.rethreshold import read_candidates, read_captions, read_cleaned, rethreshold
+from capfilt.stages.capfilt.score import score_batch
+from capfilt.stages.capfilt.summary import CapFiltSummary
+from capfilt.stages.capfilt.writer import IMAGE_SOURCES_KEY, IMAGES_KEY, cleaned_table
 from capfilt.stages.download import DownloadConfig, read_samples, run_download
 
 # Short captions keep the random captioner cheap: [DEC] + 3 prompt tokens + up to 8 more.
@@ -144,7 +136,7 @@ def test_captions_are_seeded_per_image_not_per_batch(loaded, batch):
 
 
 def test_the_seeded_sampler_draws_from_the_top_k_nucleus():
-    from capfilt.stages.capfilt.driver import _seeded_sampler_class
+    from capfilt.stages.capfilt.caption import _seeded_sampler_class
 
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.02, 0.3, 0.2, 0.03]]))
     draws = 20000
@@ -308,6 +300,8 @@ def test_outputs_have_the_declared_schemas_and_load_as_training_input(downloaded
         assert pq.read_schema(f) == S.CANDIDATE, f
     for f in sorted((out / CLEANED_DIR).glob("*.parquet")):
         assert pq.read_schema(f) == S.CLEANED, f
+        assert IMAGES_KEY not in (pq.read_schema(f).metadata or {}), "images included: no reference mark"
+    assert not (out / CAPTIONS_DIR).exists(), "a filtered run writes no captions/ folder"
     # The folder reads as one dataset in the CLEANED schema: the next round's pretraining input.
     table = pq.read_table(out / CLEANED_DIR, schema=S.CLEANED)
     assert table.num_rows == read_cleaned(out).num_rows > 0
@@ -385,10 +379,27 @@ def one_shard(downloaded, tmp_path_factory) -> Path:
 
 def test_caption_only_writes_captions_for_every_image(one_shard, models, full_run, tmp_path):
     # Human pairs from a folder of download shards this time.
-    summary = run_capfilt(
-        one_shard, tmp_path / "out", captioner=models["captioner"], cfg=CFG, human=one_shard
-    )
-    cleaned, cands = read_cleaned(tmp_path / "out"), read_candidates(tmp_path / "out")
+    out = tmp_path / "out"
+    summary = run_capfilt(one_shard, out, captioner=models["captioner"], cfg=CFG, human=one_shard)
+    cleaned, cands = read_cleaned(out), read_candidates(out)
+    # cleaned/ holds only what a filter kept, and human pairs: no filter ran, so only human pairs.
+    assert set(cleaned.column("text_source").to_pylist()) == {"human"}
+    assert sorted(p.name for p in (out / CLEANED_DIR).glob("*.parquet")) == ["human-00002.parquet"]
+    assert sorted(p.name for p in (out / CAPTIONS_DIR).glob("*.parquet")) == ["00002.parquet"]
+    captions = read_captions(out)
+    assert pq.read_schema(out / CAPTIONS_DIR / "00002.parquet") == S.CLEANED  # the same shard layout
+    unscored = cands.filter(pc.equal(cands.column("reason"), "unscored (no filter)"))
+    assert sorted(captions.column("text_uid").to_pylist()) == sorted(unscored.column("text_uid").to_pylist())
+    assert set(captions.column("text_source").to_pylist()) == {"web", "synthetic"}
+    lines = "\n".join(summary.lines())
+    assert f"caption shards:     {out / CAPTIONS_DIR}" in lines and "unscored (no filter)" in lines
+    assert summary.kept_dir == CAPTIONS_DIR
+    # Resuming finds the shard done in captions/, and rethreshold keeps writing there.
+    again = run_capfilt(one_shard, out, captioner=models["captioner"], cfg=CFG, human=one_shard)
+    assert again.shards_skipped == 1 and again.shards_written == 0
+    rethreshold(out, 0.9)
+    assert not (out / CLEANED_DIR / "00002.parquet").exists()
+    assert _rows(read_captions(out)) == _rows(captions)
     human = cleaned.filter(pc.equal(cleaned.column("text_source"), "human"))
     human_cands = cands.filter(pc.equal(cands.column("text_source"), "human"))
     assert human_cands.num_rows == summary.human_pairs == summary.images  # one text per downloaded row
@@ -426,6 +437,10 @@ def test_filter_only_scores_the_existing_texts_and_can_reference_images(
     )
     cleaned = read_cleaned(tmp_path / "out")
     assert cleaned.num_rows > 0 and cleaned.column("image").null_count == cleaned.num_rows
+    # The shard itself says its images are referenced, and where the referenced shard is.
+    meta = pq.read_schema(tmp_path / "out" / CLEANED_DIR / "00002.parquet").metadata
+    assert meta[IMAGES_KEY] == b"ref"
+    assert json.loads(meta[IMAGE_SOURCES_KEY]) == [str((one_shard / "00002.parquet").resolve())]
     source = pq.read_table(cleaned.column("image_ref")[0].as_py())
     assert cleaned.column("uid")[0].as_py() in source.column("uid").to_pylist()
     cands = read_candidates(tmp_path / "out")
@@ -464,3 +479,60 @@ def test_rethreshold_redecides_without_models(full_run, tmp_path):
     assert "rethreshold summary" in result.output
     assert _rows(read_cleaned(run)) == _rows(read_cleaned(out))
     assert _rows(read_candidates(run)) == _rows(read_candidates(out))
+
+
+# ------------------------------------------------------------------ outputs that mean one thing
+
+
+def test_a_reference_only_shard_names_the_image_folders_it_points_to(tmp_path):
+    uids = ["a", "b", "c"]
+    candidates = pa.table(
+        {
+            "uid": uids,
+            "text_uid": ["ta", "tb", "tc"],
+            "text": ["one", "two", "three"],
+            "text_source": ["human"] * 3,
+            "text_index": [0, 0, 0],
+            "itm_score": pa.nulls(3, pa.float32()),
+            "itc_score": pa.nulls(3, pa.float32()),
+            "decision": ["keep", "keep", "drop"],
+            "reason": ["human pair (kept unscored)"] * 2 + ["empty text"],
+            "round": pa.array([1] * 3, pa.int32()),
+            "captioner_id": pa.nulls(3, pa.string()),
+            "filter_id": pa.nulls(3, pa.string()),
+        }
+    )
+    refs = [str(tmp_path / "x" / "a.jpg"), str(tmp_path / "y" / "b.jpg"), str(tmp_path / "z" / "c.jpg")]
+    images = pa.table(
+        {"uid": uids, "url": [None] * 3, "image": pa.array([b"j"] * 3, pa.binary()), "image_ref": refs}
+    )
+    ref = cleaned_table(candidates, images, "reference")
+    assert ref.column("image").null_count == 2 == ref.num_rows
+    assert ref.schema.metadata[IMAGES_KEY] == b"ref"
+    # Image files are named by their folders (one per image would repeat every path), kept rows only.
+    assert json.loads(ref.schema.metadata[IMAGE_SOURCES_KEY]) == [str(tmp_path / "x"), str(tmp_path / "y")]
+    included = cleaned_table(candidates, images, "include")
+    assert included.schema.metadata is None and included.column("image").to_pylist() == [b"j", b"j"]
+    assert ref.schema.equals(included.schema)  # the same columns; only the metadata differs
+
+
+def test_summary_lines_round_numbers_for_a_person():
+    summary = CapFiltSummary(
+        images=3,
+        images_not_decodable=0,
+        images_no_kept_text=1,
+        rows_not_images={},
+        texts_considered={"synthetic": 3, "web": 3},
+        kept={"synthetic": 2, "web": 1},
+        mean_itm={"synthetic": 0.35414565059636216, "web": None},
+        mean_itc={"synthetic": 0.123456789, "web": None},
+        reason_counts={"itm below threshold": 3},
+        threshold=0.41234567890123,
+        shards_total=1,
+    )
+    lines = "\n".join(summary.lines())
+    assert (
+        "at p(match) >= 0.412" in lines and "synthetic 0.354, web -" in lines and "synthetic 0.123" in lines
+    )
+    assert "0.3541" not in lines and "0.4123" not in lines
+    assert "cleaned shards:" in lines and "caption shards:" not in lines

@@ -22,10 +22,11 @@ from capfilt.cli import app
 from capfilt.core.errors import ConfigError
 from capfilt.core.logs import ContextFilter
 from capfilt.model import get_config
-from capfilt.model.interop import export_captioner, export_filter, load_blip_pth
+from capfilt.model.blip_pth import load_blip_pth
+from capfilt.model.hf import export_captioner, export_filter
 from capfilt.pipeline.recipe import Recipe, load_recipe
 from capfilt.pipeline.status import DONE, run_status
-from capfilt.stages.capfilt.driver import read_cleaned
+from capfilt.stages.capfilt.rethreshold import read_cleaned
 from capfilt.stages.download import DownloadConfig
 from capfilt.testing.models import tiny_med, tiny_tokenizer
 from capfilt.world import WorldConfig, WorldServer, make_world
@@ -51,8 +52,8 @@ def test_the_recipe_asks_for_real_data_published_checkpoints_and_gpus():
     assert rec.human.karpathy_test is not None
     assert rec.init.pretrained and rec.init.pretrained.endswith(".pth") and rec.init.arch == "med-base"
     assert rec.init.captioner and rec.init.filter and rec.init.tokenizer
-    assert rec.pretrain["model"] == "med-base" and rec.pretrain["use_gpu"] is True
-    assert rec.pretrain["num_workers"] >= 1
+    assert rec.pretrain.model == "med-base" and rec.pretrain.use_gpu is True
+    assert rec.pretrain.num_workers >= 1
     assert (rec.capfilt.gpus_per_actor or 0) > 0 and rec.capfilt.captioner_actors >= 1
     # Where the data is not, the path check names the first missing input.
     with pytest.raises(ConfigError, match="urls.path"):

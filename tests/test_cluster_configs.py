@@ -149,9 +149,7 @@ def test_the_cluster_has_room_for_what_the_recipe_asks(config: Path, capacity):
         _, changes = fit_resources(rec, available)
         assert changes == [], f"{config} is too small for {rel}: {changes}"
         # GPU training workers and CapFilt actors run on GPU nodes: their CPUs must fit one there.
-        if rec.pretrain.get("use_gpu"):
-            assert (
-                rec.pretrain.get("cpus_per_worker", 1) * rec.pretrain.get("num_workers", 1) <= gpu_node_cpus
-            )
+        if rec.pretrain.use_gpu:
+            assert rec.pretrain.cpus_per_worker * rec.pretrain.num_workers <= gpu_node_cpus
         cf = rec.capfilt
         assert (cf.captioner_actors + cf.filter_actors) * cf.cpus_per_actor <= gpu_node_cpus

@@ -31,7 +31,9 @@ from capfilt.core.errors import StageFailed
 from capfilt.core.shards import INPUTS_DIR, STATS_DIR, done_shards, read_json, stats_path
 from capfilt.io.urllist import read_url_list
 from capfilt.pipeline.status import run_status
-from capfilt.stages.capfilt.driver import CapFiltConfig, read_candidates, read_cleaned, run_capfilt
+from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.capfilt.driver import run_capfilt
+from capfilt.stages.capfilt.rethreshold import read_candidates, read_cleaned
 from capfilt.stages.download import DownloadConfig, download_shard, read_samples, run_download, screen_rows
 from capfilt.testing.faults import (
     Gate,

@@ -20,21 +20,13 @@ from transformers import (
 )
 
 from capfilt.model import create_med
+from capfilt.model.backbones import init_text_from_bert, init_vision_from_timm
+from capfilt.model.blip_pth import load_blip_pth
+from capfilt.model.checkpoint import load_checkpoint, load_med, save_med
 from capfilt.model.config import MedConfig
-from capfilt.model.interop import (
-    CheckpointError,
-    export_captioner,
-    export_filter,
-    init_text_from_bert,
-    init_vision_from_timm,
-    load_blip_pth,
-    load_checkpoint,
-    load_hf,
-    load_med,
-    med_config_from_blip,
-    save_med,
-)
+from capfilt.model.hf import export_captioner, export_filter, load_hf, med_config_from_blip
 from capfilt.model.med import Med
+from capfilt.model.weights import CheckpointError
 
 ATOL = 1e-5
 VOCAB, BOS, ENC, PAD, SEP = 99, 97, 98, 0, 2

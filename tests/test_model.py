@@ -55,13 +55,51 @@ def test_base_and_large_have_blips_sizes():
             0,
         )
         assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.layer_norm_eps) == (224, 16, 1e-6)
-        assert (cfg.embed_dim, cfg.queue_size, cfg.momentum, cfg.alpha, cfg.label_smoothing, cfg.temp) == (
-            256, 57600, 0.995, 0.4, 0.1, 0.07,
-        )  # fmt: skip
+        assert (cfg.embed_dim, cfg.queue_size, cfg.label_smoothing, cfg.temp) == (256, 57600, 0.1, 0.07)
     v = base.vision
     assert (v.hidden_size, v.num_layers, v.num_heads, v.mlp_size) == (768, 12, 12, 3072)  # ViT-B/16
     v = large.vision
     assert (v.hidden_size, v.num_layers, v.num_heads, v.mlp_size) == (1024, 24, 16, 4096)  # ViT-L/16
+
+
+def test_configs_with_the_retired_momentum_and_alpha_still_load(tmp_path):
+    # MedConfig no longer has momentum / alpha (the objectives' config holds them); the registry's
+    # files and configs saved inside older checkpoints still carry them.
+    assert not {"momentum", "alpha"} & set(MedConfig.model_fields)
+    old = get_config("med-tiny").model_dump() | {"momentum": 0.995, "alpha": 0.4}
+    assert MedConfig.model_validate(old) == get_config("med-tiny")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert get_config(path) == get_config("med-tiny")
+    with pytest.raises(ValueError, match="momentm"):
+        MedConfig.model_validate(old | {"momentm": 0.9})  # any other unknown field is still refused
+
+
+def test_generation_defaults_are_blips_and_stated_once():
+    from capfilt.model.generation import Decoding, repetition_penalty
+
+    assert (repetition_penalty(True), repetition_penalty(False), repetition_penalty(False, 1.3)) == (
+        1.1,
+        1.0,
+        1.3,
+    )
+    text = get_config("med-tiny").text
+    sampled = Decoding().generation_config(text)
+    assert (sampled.do_sample, sampled.top_p, sampled.top_k, sampled.repetition_penalty) == (
+        True,
+        0.9,
+        50,
+        1.1,
+    )
+    beams = Decoding(sample=False, num_beams=3).generation_config(text)
+    assert (beams.do_sample, beams.num_beams, beams.repetition_penalty) == (False, 3, 1.0)
+    own = Decoding().generation_config(text, own_sampler=True)  # CapFilt's seeded sampler picks
+    assert (own.do_sample, own.num_beams, own.repetition_penalty) == (False, 1, 1.1)
+    assert (own.bos_token_id, own.eos_token_id, own.pad_token_id) == (
+        text.dec_token_id,
+        text.sep_token_id,
+        text.pad_token_id,
+    )
 
 
 def test_config_errors_say_what_to_change(tmp_path):
@@ -125,6 +163,8 @@ def test_generate_shapes_prompt_and_options(med):
     assert (out[:, 1:4] == prompt).all()
     with pytest.raises(ValueError, match="leaves no room"):
         med.generate(pixels, prompt, max_length=4)
+    with pytest.raises(TypeError, match="top_q"):
+        med.generate(pixels, top_q=0.9)  # a misspelt option is an error, not ignored
 
 
 def test_itm_always_uses_enc_and_lm_always_uses_dec(med):

@@ -55,7 +55,8 @@ def test_download_shard_refuses_a_shard_id_from_data_before_writing(tmp_path: Pa
 
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/escaped", "a/../../escaped"])
 def test_rethreshold_refuses_a_manifest_whose_shard_names_leave_the_run(tmp_path: Path, name: str) -> None:
-    from capfilt.stages.capfilt.driver import STAGE, CapFiltConfig, rethreshold
+    from capfilt.stages.capfilt.config import STAGE, CapFiltConfig
+    from capfilt.stages.capfilt.rethreshold import rethreshold
 
     run = tmp_path / "run"
     run.mkdir()

@@ -65,16 +65,28 @@ def test_bad_recipes_name_the_field(tmp_path, change, field):
 
 
 def test_the_world_download_may_reach_loopback_and_a_url_list_download_may_not(tmp_path):
-    """The world stage serves its images on 127.0.0.1: its download gets allow_loopback unless
-    the recipe says otherwise; a download of a user's URL list keeps the default, public."""
+    """The world stage serves its images on 127.0.0.1: by the download stage's documented rule
+    (WORLD_URL_POLICY) its download runs with allow_loopback unless the recipe names a policy; the
+    recipe itself stays as written. A download of a user's URL list keeps the default, public."""
+    from capfilt.stages.download import STAGE as DOWNLOAD
+    from capfilt.stages.download import WORLD_URL_POLICY
+
     unset = {k: v for k, v in MINI["download"].items() if k != "url_policy"}
     rec = load_recipe(_write(tmp_path, {**MINI, "out": str(tmp_path / "run"), "download": unset}))
-    assert rec.download.url_policy == "allow_loopback"
+    assert rec.download.url_policy == "public"  # not rewritten
+    assert DOWNLOAD.effective(rec).url_policy == WORLD_URL_POLICY == "allow_loopback"
+    named = load_recipe(
+        _write(
+            tmp_path,
+            {**MINI, "out": str(tmp_path / "run"), "download": {**unset, "url_policy": "allow_private"}},
+        )
+    )
+    assert DOWNLOAD.effective(named).url_policy == "allow_private"
     urls = tmp_path / "urls.csv"
     urls.write_text("url,caption\nhttp://example.com/1.jpg,x\n")
     own = {**MINI, "out": str(tmp_path / "run2"), "stages": ["download"], "urls": {"path": str(urls)}}
     rec = load_recipe(_write(tmp_path, {**own, "download": unset}))
-    assert rec.download.url_policy == "public"
+    assert rec.download.url_policy == DOWNLOAD.effective(rec).url_policy == "public"
 
 
 def test_recipes_never_execute_yaml_tags(tmp_path):

@@ -14,17 +14,14 @@ import pytest
 from PIL import Image
 
 from capfilt.core import schema as S
+from capfilt.core.layout import CLEANED_DIR
 from capfilt.core.shards import write_parquet_atomic
-from capfilt.stages.capfilt.driver import (
-    CLEANED_DIR,
-    CapFiltConfig,
-    _Plan,
-    _RunIds,
-    _write_web_shard,
-    decide,
-    read_cleaned,
-    unscored_batch,
-)
+from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.capfilt.decisions import decide
+from capfilt.stages.capfilt.inputs import _Plan
+from capfilt.stages.capfilt.rethreshold import read_cleaned
+from capfilt.stages.capfilt.score import unscored_batch
+from capfilt.stages.capfilt.writer import _RunIds, _write_web_shard
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only; set before `datasets` loads
 

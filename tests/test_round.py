@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 import capfilt.stages.capfilt.driver as capfilt_stage
 from capfilt.cli import app
 from capfilt.core import schema as S
-from capfilt.pipeline.recipe import STAGES
-from capfilt.pipeline.runner import STAGES_DIR
-from capfilt.stages.capfilt.driver import read_candidates, read_cleaned
+from capfilt.core.layout import STAGES_DIR
+from capfilt.stages import registry
+from capfilt.stages.capfilt.rethreshold import read_candidates, read_cleaned
 from capfilt.stages.download import read_samples
 
 TRAIN = {
@@ -35,6 +35,7 @@ TRAIN = {
     "torch_threads": 1,
     "shuffle_buffer": 32,
 }
+STAGES = registry.names()
 MINI_ROUND: dict[str, Any] = {
     "name": "mini-round",
     "stages": list(STAGES),

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from capfilt.cli import app
 from capfilt.model import MedConfig
-from capfilt.model.interop import load_med
+from capfilt.model.checkpoint import load_med
 from capfilt.model.tokenizer import load_tokenizer
 from capfilt.model.transforms import decode_image, test_transform
 from capfilt.train.config import DataSource, TrainConfig

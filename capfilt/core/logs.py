@@ -10,9 +10,15 @@ the code that set it and never leaks into another thread's lines.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
+import re
+import sys
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
+from pathlib import Path
+from typing import TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s%(where)s: %(message)s"
 
@@ -57,3 +63,90 @@ def install(handlers: Iterable[logging.Handler]) -> None:
     for h in handlers:
         if not any(isinstance(f, ContextFilter) for f in h.filters):
             h.addFilter(ContextFilter())
+
+
+# ---------------------------------------------------------------------------------------------
+# A quiet terminal: our progress on the console, the engine's chatter in the run's log file.
+# ---------------------------------------------------------------------------------------------
+
+#: Lines Ray's log monitor copies from its worker processes start with "(name pid=N)"; our own
+#: loggers' lines among them name a logger under "capfilt".
+_WORKER_LINE = re.compile(r"^\x1b?\[?[0-9;]*m?\((?P<who>[^)]*pid=\d+[^)]*)\)")
+
+
+class OursOnly(logging.Filter):
+    """Lets through capfilt's own records, and anyone's errors; the rest goes to the log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (
+            record.name == "capfilt" or record.name.startswith("capfilt.") or record.levelno >= logging.ERROR
+        )
+
+
+class _SplitStream(io.TextIOBase):
+    """A stand-in for sys.stderr/stdout: a line copied from a Ray worker that is not one of our
+    log lines goes to the log file only; every other line to the terminal, and all to the file."""
+
+    def __init__(self, console: TextIO, file: TextIO) -> None:
+        self.console, self.file, self._buf = console, file, ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            self.file.write(line + "\n")
+            if not _WORKER_LINE.match(line) or " capfilt." in line:
+                self.console.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._buf and not _WORKER_LINE.match(self._buf):
+            self.console.write(self._buf)
+            self.file.write(self._buf)
+            self._buf = ""
+        self.console.flush()
+        self.file.flush()
+
+    def isatty(self) -> bool:
+        return False  # the engine's progress bars then draw no repaint lines
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.console, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def engine_log(path: Path, *, verbose: bool = False) -> Iterator[Path]:
+    """Within the block, every log record (DEBUG and up) is appended to `path`; unless `verbose`,
+    the console's handlers show only capfilt's records and errors, and lines Ray copies from its
+    workers reach the terminal only when they are capfilt's own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    stream = path.open("a", encoding="utf-8")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    handler.setLevel(logging.DEBUG)
+    install([handler])
+    consoles = [h for h in root.handlers if isinstance(h, logging.StreamHandler)]
+    quiet = OursOnly()
+    old_level = root.level
+    saved = sys.stdout, sys.stderr
+    root.addHandler(handler)
+    if not verbose:
+        # Ray Data's progress bars repaint many times a second; shard progress is ours to log.
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        for h in consoles:
+            h.addFilter(quiet)
+        sys.stdout = _SplitStream(saved[0], stream)  # type: ignore[assignment]
+        sys.stderr = _SplitStream(saved[1], stream)  # type: ignore[assignment]
+    try:
+        yield path
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            s.flush()
+        sys.stdout, sys.stderr = saved
+        for h in consoles:
+            h.removeFilter(quiet)
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        stream.close()

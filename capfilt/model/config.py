@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -24,6 +24,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# MedConfig fields that were never read: the EMA momentum and the distillation weight are the
+# objectives' (their ObjectiveConfig), so one file no longer states them twice.
+RETIRED_FIELDS = ("momentum", "alpha")
 
 
 class VisionConfig(BaseModel):
@@ -110,8 +114,6 @@ class MedConfig(BaseModel):
     embed_dim: int = Field(256, gt=0)
     # Objective hyperparameters live beside the architecture so one file describes a BLIP run.
     queue_size: int = Field(57600, gt=0)
-    momentum: float = Field(0.995, ge=0, le=1)
-    alpha: float = Field(0.4, ge=0, le=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     temp: float = Field(0.07, gt=0)
     # Std of the normal init of every Linear/Embedding/position table when training from scratch.
@@ -119,6 +121,15 @@ class MedConfig(BaseModel):
     # outputs so small next to the residual that ITC and ITM sit at chance for hundreds of steps
     # (med-tiny on the shapes world: ITC ROC-AUC 0.62 after 300 steps at 0.02, 0.90 at 0.05).
     init_std: float = Field(0.02, gt=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired(cls, data: Any) -> Any:
+        # Configs saved before these fields were dropped still load (extra="forbid" would refuse them).
+        if isinstance(data, dict) and any(k in data for k in RETIRED_FIELDS):
+            logger.debug("ignoring retired MedConfig fields %s", sorted(set(data) & set(RETIRED_FIELDS)))
+            return {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
+        return data
 
     def with_tokens(
         self,

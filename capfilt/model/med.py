@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -31,11 +32,11 @@ from transformers import (
     BlipTextModel,
     BlipVisionConfig,
     BlipVisionModel,
-    GenerationConfig,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from capfilt.model.config import MedConfig
+from capfilt.model.generation import Decoding
 
 __all__ = [
     "ALL_HEADS",
@@ -144,7 +145,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
 
 class Med(nn.Module):
     """BLIP's MED. Build with ``capfilt.model.create_med(name)``; load published weights with
-    ``capfilt.model.interop``.
+    ``capfilt.model.checkpoint``.
 
     There is no ``forward``: the objectives call the functions below and wrap them in their own
     module (which is what DDP should wrap).
@@ -337,59 +338,35 @@ class Med(nn.Module):
         self,
         pixel_values: torch.Tensor,
         prompt_ids: torch.Tensor | None = None,
+        decoding: Decoding | None = None,
         *,
-        sample: bool = True,
-        top_p: float = 0.9,
-        top_k: int = 50,
-        num_beams: int = 1,
-        max_length: int = 30,
-        min_length: int = 5,
-        repetition_penalty: float | None = None,
-        num_return_sequences: int = 1,
         interpolate_pos_encoding: bool = False,
+        **options: Any,
     ) -> torch.Tensor:
         """Captions for a batch of images; see ``generate_from_embeds``."""
         image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)
-        return self.generate_from_embeds(
-            image_embeds,
-            prompt_ids,
-            sample=sample,
-            top_p=top_p,
-            top_k=top_k,
-            num_beams=num_beams,
-            max_length=max_length,
-            min_length=min_length,
-            repetition_penalty=repetition_penalty,
-            num_return_sequences=num_return_sequences,
-        )
+        return self.generate_from_embeds(image_embeds, prompt_ids, decoding, **options)
 
     @torch.no_grad()
     def generate_from_embeds(
         self,
         image_embeds: torch.Tensor,
         prompt_ids: torch.Tensor | None = None,
-        *,
-        sample: bool = True,
-        top_p: float = 0.9,
-        top_k: int = 50,
-        num_beams: int = 1,
-        max_length: int = 30,
-        min_length: int = 5,
-        repetition_penalty: float | None = None,
-        num_return_sequences: int = 1,
+        decoding: Decoding | None = None,
+        **options: Any,
     ) -> torch.Tensor:
         """Decode captions with transformers' GenerationMixin; returns token ids
         [B * num_return_sequences, <= max_length], rows of one image adjacent.
 
-        Each row starts with [DEC] then the prompt (``prompt_ids``: [Lp] or [B, Lp], tokens of the
-        prompt with no special tokens), so the caption proper starts at ``1 + Lp``; rows that ended
-        early are padded with pad_token_id after [SEP]. ``max_length``/``min_length`` count the
-        [DEC] and prompt tokens too, as in BLIP. ``sample=True`` is BLIP's nucleus sampling
-        (top_p 0.9; top_k 50 is what BLIP's released code ran with, via transformers' default;
-        0 disables it); ``sample=False`` is greedy (num_beams=1) or beam search.
-        ``repetition_penalty=None`` takes BLIP's value for the mode: 1.1 when sampling, 1.0 otherwise.
+        ``decoding`` (BLIP's defaults when None) with ``options`` (its fields, e.g. ``sample=False,
+        num_beams=3``) replacing some of them: see ``capfilt.model.generation.Decoding``. Each row
+        starts with [DEC] then the prompt (``prompt_ids``: [Lp] or [B, Lp], tokens of the prompt
+        with no special tokens), so the caption proper starts at ``1 + Lp``; rows that ended early
+        are padded with pad_token_id after [SEP]. ``max_length``/``min_length`` count the [DEC] and
+        prompt tokens too, as in BLIP.
         """
         self.require("lm")
+        dec = replace(decoding or Decoding(), **options)
         t = self.config.text
         batch = image_embeds.shape[0]
         start = torch.full((batch, 1), t.dec_token_id, dtype=torch.long, device=image_embeds.device)
@@ -398,30 +375,15 @@ class Med(nn.Module):
             if prompt_ids.dim() == 1:
                 prompt_ids = prompt_ids.unsqueeze(0).expand(batch, -1)  # [B, Lp]
             start = torch.cat([start, prompt_ids], dim=1)  # [B, 1+Lp]
-        if start.shape[1] >= max_length:
+        if start.shape[1] >= dec.max_length:
             raise ValueError(
-                f"max_length {max_length} leaves no room after [DEC] + a {start.shape[1] - 1}-token prompt"
+                f"max_length {dec.max_length} leaves no room after [DEC] + a {start.shape[1] - 1}-token prompt"
             )
-        if repetition_penalty is None:
-            repetition_penalty = 1.1 if sample else 1.0
-        gen = GenerationConfig(
-            max_length=max_length,
-            min_length=min_length,
-            do_sample=sample,
-            top_p=top_p if sample else None,
-            top_k=top_k if sample else None,
-            num_beams=num_beams,
-            repetition_penalty=repetition_penalty,
-            num_return_sequences=num_return_sequences,
-            bos_token_id=t.dec_token_id,
-            eos_token_id=t.sep_token_id,
-            pad_token_id=t.pad_token_id,
-        )
         return self.text_decoder.generate(
             input_ids=start,
             attention_mask=torch.ones_like(start),
             encoder_hidden_states=image_embeds,
-            generation_config=gen,
+            generation_config=dec.generation_config(t),
         )
 
     # ------------------------------------------------------------------------------- training

@@ -15,11 +15,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from capfilt.core.errors import ConfigError
+
 __all__ = [
     "DEC_TOKEN",
     "ENC_TOKEN",
+    "TOKENIZER_FILES",
     "TokenIds",
     "add_blip_special_tokens",
+    "find_tokenizer",
+    "is_tokenizer_dir",
     "load_tokenizer",
     "tokenize",
     "train_wordpiece",
@@ -106,6 +111,31 @@ def add_blip_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTok
         )
         tokenizer.add_special_tokens({"additional_special_tokens": [ENC_TOKEN]}, **keep)
     return tokenizer
+
+
+# Any of these files makes a folder a saved tokenizer (save_pretrained, or a bare BERT vocab).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
+
+
+def is_tokenizer_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a saved tokenizer."""
+    path = Path(path)
+    return path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def find_tokenizer(model_path: str | Path, override: str | Path | None = None) -> Path:
+    """The tokenizer saved with a model: the model folder itself, ``tokenizer/`` inside it, or
+    ``tokenizer/`` next to it; ``override`` wins."""
+    path = Path(model_path)
+    base = path if path.is_dir() else path.parent
+    candidates = [Path(override)] if override else [base, base / "tokenizer", base.parent / "tokenizer"]
+    for c in candidates:
+        if is_tokenizer_dir(c):
+            return c
+    raise ConfigError(
+        f"no tokenizer for {path} (looked in {', '.join(str(c) for c in candidates)}); "
+        "pass --tokenizer DIR (a folder written by save_pretrained)"
+    )
 
 
 def load_tokenizer(path_or_dir: str | Path) -> PreTrainedTokenizerBase:

@@ -1,4 +1,9 @@
-"""Recipes: typed YAML files that name the stages of a run and their options, validated up front."""
+"""Recipes: typed YAML files that name the stages of a run and their options, validated up front.
+
+The recipe model is derived from the stage registry: `Recipe` holds the inputs every stage shares
+(`urls`, `human`, `init`), and `recipe_model()` adds one field per section each registered stage
+declares (`download:`, `capfilt:`, `pretrain:`, ...), typed by that stage's config model.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    model_validator,
+)
 
 from capfilt.core.errors import ConfigError
-from capfilt.eval.config import EvalConfig
-from capfilt.stages.capfilt.driver import CapFiltConfig
-from capfilt.stages.download import DownloadConfig
-from capfilt.stages.vit import VitInitConfig
-from capfilt.world import WorldConfig
+from capfilt.stages import registry
 
 log = logging.getLogger(__name__)
-
-#: Every stage a recipe may name, in the order they run.
-STAGES = ("world", "download", "vit", "pretrain", "finetune", "capfilt", "pretrain2", "evaluate")
-
-#: What BLIP fine-tunes with, before a recipe's own settings: the captioner learns LM only with a
-#: masked prompt; the filter learns ITC + ITM with positives by image id (several captions each).
-CAPTIONER_DEFAULTS: dict[str, Any] = {
-    "objectives": {"itc": 0.0, "itm": 0.0, "lm": 1.0},
-    "prompt": "a picture of ",
-    "schedule": "cosine",
-    "min_scale": 0.5,
-}
-FILTER_DEFAULTS: dict[str, Any] = {
-    "objectives": {"itc": 1.0, "itm": 1.0, "lm": 0.0, "positives": "image_id"},
-    "schedule": "cosine",
-    "min_scale": 0.5,
-}
-# Filled in by the pipeline, never by the recipe.
-_PIPELINE_TRAIN_FIELDS = ("data", "out_dir", "init", "run_name")
 
 
 class UrlListInput(BaseModel):
@@ -51,13 +41,33 @@ class UrlListInput(BaseModel):
 
 
 class HumanInput(BaseModel):
-    """Human-annotated pairs as users have them: a COCO-Karpathy-style JSON and its image folder."""
+    """Human-annotated pairs as users have them: COCO-Karpathy-style JSONs and their image folders.
+    Each JSON's image paths are relative to its own root, by default the JSON's folder;
+    ``image_root`` sets both roots at once (COCO keeps train2014/ and val2014/ in one folder)."""
 
     model_config = ConfigDict(extra="forbid")
 
     karpathy_train: Path
     karpathy_test: Path | None = None
-    image_root: Path | None = None  # default: the JSON's folder
+    image_root: Path | None = None  # both JSONs' root
+    train_image_root: Path | None = None  # karpathy_train's root (default: image_root, else its folder)
+    test_image_root: Path | None = None  # karpathy_test's root (default: image_root, else its folder)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> HumanInput:
+        if self.image_root is not None and (self.train_image_root or self.test_image_root):
+            raise ValueError(
+                "human.image_root sets both roots; give it, or train_image_root / test_image_root, not both"
+            )
+        return self
+
+    def train_root(self) -> Path:
+        return self.train_image_root or self.image_root or self.karpathy_train.parent
+
+    def test_root(self) -> Path | None:
+        if self.karpathy_test is None:
+            return None
+        return self.test_image_root or self.image_root or self.karpathy_test.parent
 
 
 class ModelInit(BaseModel):
@@ -80,81 +90,77 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def train_config(section: dict[str, Any], *, data: list[Any], out_dir: str, **fixed: Any) -> Any:
-    from capfilt.train.config import TrainConfig
-
-    return TrainConfig.model_validate({**section, "data": data, "out_dir": out_dir, **fixed})
-
-
 def _paths_must_exist(info: ValidationInfo) -> bool:
     """Whether input paths must exist: yes, unless validated with context {"check_paths": False}
     (a cluster recipe checked on a machine without its data)."""
     return not (isinstance(info.context, dict) and info.context.get("check_paths") is False)
 
 
+def _check_images(label: str, root_label: str, json_path: Path, root: Path) -> None:
+    """Every image the Karpathy JSON at `json_path` names exists under `root`, else a ValueError
+    that names the fields, a missing path and how many are missing."""
+    from capfilt.io.karpathy import missing_images
+
+    if not root.is_dir():
+        raise ValueError(f"{root_label}: {root} (the image folder of {label}) is not a folder")
+    try:
+        total, missing, examples = missing_images(json_path, root)
+    except ConfigError as err:
+        raise ValueError(f"{label}: {err}") from None
+    if missing:
+        raise ValueError(
+            f"{label}: {missing} of {total} images it names are not under {root_label} ({root}), "
+            f"e.g. {examples[0]}; set {root_label} to the folder its image paths are relative to"
+        )
+
+
 class Recipe(BaseModel):
+    """The inputs every stage shares. `recipe_model()` adds each registered stage's sections."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
     out: Path  # the run folder; each stage writes its own sub-folder
-    stages: list[str] = Field(default_factory=lambda: list(STAGES))
+    stages: list[str] = Field(default_factory=lambda: list(registry.names()))
     ray_address: str | None = None
-    world: WorldConfig | None = None
     urls: UrlListInput | None = None
     human: HumanInput | None = None
     init: ModelInit = Field(default_factory=ModelInit)
-    download: DownloadConfig = Field(default_factory=DownloadConfig)
-    vit: VitInitConfig = Field(default_factory=VitInitConfig)  # the stand-in ImageNet ViT (shapes world)
-    pretrain: dict[str, Any] = Field(default_factory=dict)  # TrainConfig fields; round 2 uses the same
-    finetune_captioner: dict[str, Any] = Field(default_factory=dict)
-    finetune_filter: dict[str, Any] = Field(default_factory=dict)
-    capfilt: CapFiltConfig = Field(default_factory=CapFiltConfig)
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    def section(self, name: str) -> Any:
+        """A stage's section of the recipe by its field name (``"capfilt"``, ``"pretrain"``)."""
+        return getattr(self, name)
+
+    def has_world(self) -> bool:
+        return "world" in self.stages
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> Recipe:
-        unknown = [s for s in self.stages if s not in STAGES]
+        known = registry.names()
+        unknown = [s for s in self.stages if s not in known]
         if unknown:
-            raise ValueError(f"stages: unknown stage(s) {unknown}; known stages are {list(STAGES)}")
-        if "world" in self.stages and self.world is None:
-            raise ValueError("world: the stage 'world' is listed but the recipe has no 'world:' section")
-        if "download" in self.stages and "world" not in self.stages and self.urls is None:
+            raise ValueError(f"stages: unknown stage(s) {unknown}; known stages are {list(known)}")
+        check_paths = _paths_must_exist(info)
+        needs_human = [s for s in self.stages if "human" in registry.get(s).reads]
+        if needs_human and not self.has_world() and self.section("world") is None and self.human is None:
             raise ValueError(
-                "urls: a download without the 'world' stage needs a 'urls:' section (a URL list)"
+                f"human: stages {sorted(needs_human)} without the shapes world need a 'human:' section"
             )
-        if "download" in self.stages and "world" in self.stages:
-            # With the 'world' stage the download's only source is the world's own server on
-            # 127.0.0.1 (pipeline._served_world), which the default policy refuses: allow loopback
-            # there, and only there. A recipe that says url_policy: public cannot work; say so.
-            if "url_policy" not in self.download.model_fields_set:
-                self.download = self.download.model_copy(update={"url_policy": "allow_loopback"})
-            elif self.download.url_policy == "public":
-                raise ValueError(
-                    "download.url_policy: the 'world' stage serves its images on 127.0.0.1, which "
-                    "'public' refuses; use allow_loopback"
-                )
-        if "vit" in self.stages and self.pretrain.get("vision_init"):
-            raise ValueError(
-                "pretrain.vision_init: the 'vit' stage gives the pretraining its ViT; drop one of the two"
-            )
-        if "vit" in self.stages and self.init.pretrained:
-            raise ValueError(
-                "stages: 'vit' initialises a ViT to pretrain, but init.pretrained skips pretraining"
-            )
-        if "world" not in self.stages and self.world is None:
-            needs_human = {"pretrain", "finetune", "capfilt", "evaluate"} & set(self.stages)
-            if needs_human and self.human is None:
-                raise ValueError(
-                    f"human: stages {sorted(needs_human)} without the shapes world need a 'human:' section"
-                )
         for label, path in (
             ("urls.path", self.urls.path if self.urls else None),
             ("human.karpathy_train", self.human.karpathy_train if self.human else None),
             ("human.karpathy_test", self.human.karpathy_test if self.human else None),
-            ("human.image_root", self.human.image_root if self.human else None),
         ):
-            if path is not None and not Path(path).exists() and _paths_must_exist(info):
+            if path is not None and check_paths and not Path(path).exists():
                 raise ValueError(f"{label}: {path} does not exist")
+        if self.human is not None and check_paths and needs_human:
+            h = self.human
+            root = "human.train_image_root" if h.train_image_root else "human.image_root"
+            _check_images("human.karpathy_train", root, h.karpathy_train, h.train_root())
+            test_root = h.test_root()
+            if h.karpathy_test is not None and test_root is not None:
+                root = "human.test_image_root" if h.test_image_root else "human.image_root"
+                _check_images("human.karpathy_test", root, h.karpathy_test, test_root)
         pth = [
             f"init.{k}"
             for k in ("pretrained", "captioner", "filter")
@@ -169,43 +175,71 @@ class Recipe(BaseModel):
                 f"init.tokenizer: {', '.join(pth)} is a BLIP .pth, which holds no tokenizer; name a "
                 "tokenizer folder (a saved bert-base-uncased)"
             )
-        # Training sections are checked as the TrainConfig each stage will build.
-        for name, section, defaults, used in (
-            ("pretrain", self.pretrain, {}, {"pretrain", "pretrain2"} & set(self.stages)),
-            # A fine-tune given a published model (init.captioner / init.filter) trains nothing.
-            (
-                "finetune_captioner",
-                self.finetune_captioner,
-                CAPTIONER_DEFAULTS,
-                "finetune" in self.stages and not self.init.captioner,
-            ),
-            (
-                "finetune_filter",
-                self.finetune_filter,
-                FILTER_DEFAULTS,
-                "finetune" in self.stages and not self.init.filter,
-            ),
-        ):
-            if not used:
-                continue
-            banned = [k for k in _PIPELINE_TRAIN_FIELDS if k in section]
-            if banned:
-                raise ValueError(f"{name}.{banned[0]}: set by the pipeline, not the recipe")
-            try:
-                train_config(merge(defaults, section), data=["recipe-check"], out_dir="recipe-check")
-            except ValidationError as err:
-                first = err.errors()[0]
-                loc = ".".join([name, *(str(p) for p in first["loc"])])
-                raise ValueError(f"{loc}: {first['msg'].removeprefix('Value error, ')}") from None
+        for name in self.stages:
+            registry.get(name).check(self, check_paths)
         return self
+
+
+_models: dict[int, type[Recipe]] = {}
+
+
+def recipe_model() -> type[Recipe]:
+    """The Recipe model of the stages registered now: one field per stage section."""
+    version = registry.version()
+    if version not in _models:
+        fields: dict[str, Any] = {}
+        for stage in registry.stages():
+            for name, sec in stage.sections.items():
+                default = (
+                    Field(default_factory=sec.default_factory, description=sec.help)
+                    if sec.default_factory is not None
+                    else Field(sec.default, description=sec.help)
+                )
+                fields[name] = (sec.type, default)
+        _models.clear()
+        _models[version] = create_model("Recipe", __base__=Recipe, **fields)
+    return _models[version]
+
+
+def parse_assignments(pairs: list[str] | None) -> dict[str, Any]:
+    """``["capfilt.k=3", "download.image_size=64"]`` as nested overrides; values are YAML
+    (``3`` an int, ``true`` a bool, ``[a, b]`` a list, ``null`` None)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: write FIELD=VALUE, e.g. --set capfilt.k=3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML: {err}") from err
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {p} is set to a value and to fields")
+        node[parts[-1]] = value
+    return out
+
+
+def validation_lines(err: ValidationError) -> list[str]:
+    """One line per error, ``  field.path: message``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
+    return lines
 
 
 def load_recipe(
     path: str | Path, overrides: dict[str, Any] | None = None, *, check_paths: bool = True
 ) -> Recipe:
     """Parse and validate a recipe; errors name the field to change. YAML is read with safe_load,
-    so a recipe can never run code. ``check_paths=False`` checks everything but that the input
-    files exist (a cluster recipe, checked where its data is not)."""
+    so a recipe can never run code. ``overrides`` (nested, e.g. from ``--set``) are merged on top.
+    ``check_paths=False`` checks everything but that the input files exist (a cluster recipe,
+    checked where its data is not)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"recipe {path} does not exist")
@@ -215,13 +249,8 @@ def load_recipe(
         raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of fields, got {type(data).__name__}")
-    data.update(overrides or {})
+    data = merge(data, overrides or {})
     try:
-        return Recipe.model_validate(data, context={"check_paths": check_paths})
+        return recipe_model().model_validate(data, context={"check_paths": check_paths})
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
-        raise ConfigError(f"recipe {path} is invalid:\n" + "\n".join(lines)) from err
+        raise ConfigError(f"recipe {path} is invalid:\n" + "\n".join(validation_lines(err))) from err

@@ -1,14 +1,9 @@
 """Fitting what a recipe asks of Ray to the cluster it runs on.
 
-Each stage declares what it needs in its own section of the recipe:
-
-| stage | fields |
-|---|---|
-| download | ``download.cpus_per_task`` (one Ray task per shard), ``download.concurrency`` |
-| pretrain, pretrain2 | ``pretrain.num_workers``, ``use_gpu`` (one GPU per worker), ``cpus_per_worker`` |
-| finetune | the same fields in ``finetune_captioner`` and ``finetune_filter`` |
-| capfilt | ``captioner_actors``, ``filter_actors``, ``gpus_per_actor``, ``cpus_per_actor``, ``preprocess_cpus`` |
-| evaluate | ``evaluate.device`` |
+Each stage declares what it needs in its own section of the recipe and scales it in its `fit`
+(download: ``cpus_per_task``; the training stages: ``num_workers``, ``use_gpu``,
+``cpus_per_worker``; capfilt: actor pools, GPUs and CPUs per actor, ``preprocess_cpus``, dtype;
+evaluate: ``device``).
 
 A recipe written for a GPU cluster would wait forever on a laptop: Ray keeps a task that asks for
 a GPU pending until one appears. ``fit_resources`` scales such requests down to what a cluster
@@ -23,14 +18,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from capfilt.pipeline.recipe import Recipe
+from capfilt.stages import registry
 
 # CPUs a training run leaves to Ray Data's read tasks on a small cluster.
 _TRAIN_READ_CPUS = 1.0
-_HALF = ("bfloat16", "float16")
-
-
-def _num(x: float) -> str:
-    return f"{x:g}"
 
 
 def _largest_divisor(n: int, limit: float) -> int:
@@ -39,71 +30,37 @@ def _largest_divisor(n: int, limit: float) -> int:
     return max([d for d in range(1, n + 1) if n % d == 0 and d <= limit] or [1])
 
 
-def _shrink_actors(a: int, b: int, per: float, fixed: float, budget: float) -> tuple[int, int, float]:
-    """Actor counts (a, b) and the amount each asks for (``per``) so that (a + b) * per + fixed fits
-    ``budget``: the larger pool loses an actor first; with one actor each, ``per`` shrinks."""
-    while (a + b) * per + fixed > budget and max(a, b) > 1:
-        if a >= b:
-            a -= 1
-        else:
-            b -= 1
-    if (a + b) * per + fixed > budget:
-        per = max((budget - fixed) / (a + b), 0.0)
-    return a, b, per
-
-
-def train_sections(recipe: Recipe) -> list[tuple[str, str]]:
-    """(recipe field, label) of every training section a stage of this recipe trains with."""
-    stages = set(recipe.stages)
-    init = recipe.init
-    out = []
-    if "pretrain2" in stages or ("pretrain" in stages and not init.pretrained):
-        out.append(("pretrain", "pretrain"))
-    if "finetune" in stages:
-        if not init.captioner:
-            out.append(("finetune_captioner", "finetune captioner"))
-        if not init.filter:
-            out.append(("finetune_filter", "finetune filter"))
-    return out
-
-
-def ray_stages(recipe: Recipe) -> list[str]:
-    """The stages of a recipe that run on Ray (a stage given published checkpoints trains nothing)."""
-    init = recipe.init
-    out = []
-    for s in recipe.stages:
-        given = (s == "pretrain" and init.pretrained) or (s == "finetune" and init.captioner and init.filter)
-        if s in ("download", "pretrain", "finetune", "capfilt", "pretrain2") and not given:
-            out.append(s)
-    return out
-
-
-def _fit_train(
-    section: dict[str, Any], label: str, cpus: float, gpus: float
-) -> tuple[dict[str, Any], list[str]]:
-    out = dict(section)
+def fit_train(section: Any, label: str, cpus: float, gpus: float) -> tuple[dict[str, Any], list[str]]:
+    """A training section's workers scaled to a cluster: (fields to change, a message each)."""
+    update: dict[str, Any] = {}
     msgs: list[str] = []
-    workers = int(out.get("num_workers", 1))
-    if out.get("use_gpu"):
+    workers = int(section.num_workers)
+    if section.use_gpu:
         if gpus <= 0:
-            out["use_gpu"] = False
+            update["use_gpu"] = False
             msgs.append(f"{label} use_gpu -> CPU")
         elif workers > gpus:
             new = _largest_divisor(workers, gpus)
-            out["num_workers"] = workers = new
-            msgs.append(f"{label} num_workers {section.get('num_workers')} -> {new} ({_num(gpus)} GPUs)")
-    cpw = float(out.get("cpus_per_worker", 1.0))
+            update["num_workers"] = new
+            msgs.append(f"{label} num_workers {workers} -> {new} ({gpus:g} GPUs)")
+            workers = new
+    cpw = float(section.cpus_per_worker)
     budget = max(cpus - _TRAIN_READ_CPUS, min(cpus, 1.0))
     if workers * cpw > budget:
         new = _largest_divisor(workers, budget / cpw)
         if new != workers:
-            msgs.append(f"{label} num_workers {workers} -> {new} ({_num(cpus)} CPUs)")
-            out["num_workers"] = workers = new
+            msgs.append(f"{label} num_workers {workers} -> {new} ({cpus:g} CPUs)")
+            update["num_workers"] = workers = new
         if workers * cpw > budget:
             fitted = budget / workers
-            msgs.append(f"{label} cpus_per_worker {_num(cpw)} -> {_num(fitted)}")
-            out["cpus_per_worker"] = fitted
-    return out, msgs
+            msgs.append(f"{label} cpus_per_worker {cpw:g} -> {fitted:g}")
+            update["cpus_per_worker"] = fitted
+    return update, msgs
+
+
+def ray_stages(recipe: Recipe) -> list[str]:
+    """The stages of a recipe that run on Ray (a stage given published checkpoints trains nothing)."""
+    return [s for s in recipe.stages if registry.get(s).uses_ray(recipe)]
 
 
 def fit_resources(recipe: Recipe, available: Mapping[str, float]) -> tuple[Recipe, list[str]]:
@@ -113,61 +70,13 @@ def fit_resources(recipe: Recipe, available: Mapping[str, float]) -> tuple[Recip
     Only sections the recipe's stages use are touched, so no unused section changes a stage key."""
     cpus = float(available.get("CPU", 0.0)) or 1.0
     gpus = float(available.get("GPU", 0.0))
-    stages = set(recipe.stages)
-    update: dict[str, Any] = {}
     msgs: list[str] = []
-
-    for field, label in train_sections(recipe):
-        section, changed = _fit_train(getattr(recipe, field), label, cpus, gpus)
-        if changed:
-            update[field] = section
-            msgs += changed
-
-    if "capfilt" in stages:
-        cf = recipe.capfilt
-        cf_update: dict[str, Any] = {}
-        gpa = cf.gpus_per_actor
-        if gpa and gpus <= 0:
-            cf_update["gpus_per_actor"] = 0.0
-            msgs.append(f"capfilt gpus_per_actor {_num(gpa)} -> 0 (CPU actors)")
-        elif gpa and (cf.captioner_actors + cf.filter_actors) * gpa > gpus:
-            a, b, per = _shrink_actors(cf.captioner_actors, cf.filter_actors, gpa, 0.0, gpus)
-            cf_update |= {"captioner_actors": a, "filter_actors": b, "gpus_per_actor": per}
-            msgs.append(
-                f"capfilt actors {cf.captioner_actors}+{cf.filter_actors} x {_num(gpa)} GPU -> "
-                f"{a}+{b} x {_num(per)} GPU ({_num(gpus)} GPUs)"
-            )
-        if gpus <= 0 and cf.dtype in _HALF:
-            cf_update["dtype"] = "float32"
-            msgs.append(f"capfilt dtype {cf.dtype} -> float32 (half precision is for GPUs)")
-        a0 = int(cf_update.get("captioner_actors", cf.captioner_actors))
-        b0 = int(cf_update.get("filter_actors", cf.filter_actors))
-        pre = min(cf.preprocess_cpus, cpus)
-        if pre != cf.preprocess_cpus:
-            cf_update["preprocess_cpus"] = pre
-            msgs.append(f"capfilt preprocess_cpus {_num(cf.preprocess_cpus)} -> {_num(pre)}")
-        if (a0 + b0) * cf.cpus_per_actor + pre > cpus:
-            a, b, per = _shrink_actors(a0, b0, cf.cpus_per_actor, pre, cpus)
-            if per <= 0:  # not even a sliver left beside the read tasks: share the CPUs
-                per = cpus / (a + b + 1)
-            cf_update |= {"captioner_actors": a, "filter_actors": b, "cpus_per_actor": per}
-            msgs.append(
-                f"capfilt actors {a0}+{b0} x {_num(cf.cpus_per_actor)} CPU -> {a}+{b} x {_num(per)} CPU "
-                f"({_num(cpus)} CPUs)"
-            )
-        if cf_update:
-            update["capfilt"] = cf.model_copy(update=cf_update)
-
-    if "download" in stages and recipe.download.cpus_per_task > cpus:
-        update["download"] = recipe.download.model_copy(update={"cpus_per_task": cpus})
-        msgs.append(f"download cpus_per_task {_num(recipe.download.cpus_per_task)} -> {_num(cpus)}")
-
-    device = recipe.evaluate.device
-    if "evaluate" in stages and gpus <= 0 and device and device.startswith("cuda"):
-        update["evaluate"] = recipe.evaluate.model_copy(update={"device": "cpu"})
-        msgs.append(f"evaluate device {device} -> cpu")
-
-    return (recipe.model_copy(update=update) if update else recipe), msgs
+    for name in recipe.stages:
+        fit = registry.get(name).fit(recipe, cpus, gpus)
+        if fit.update:
+            recipe = recipe.model_copy(update=fit.update)
+        msgs += fit.messages
+    return recipe, msgs
 
 
 def describe(available: Mapping[str, float], changes: list[str]) -> str:
@@ -175,8 +84,8 @@ def describe(available: Mapping[str, float], changes: list[str]) -> str:
     cpus = float(available.get("CPU", 0.0))
     gpus = float(available.get("GPU", 0.0))
     where = (
-        f"no GPU on this Ray cluster ({_num(cpus)} CPUs)"
+        f"no GPU on this Ray cluster ({cpus:g} CPUs)"
         if gpus <= 0
-        else f"this Ray cluster has {_num(cpus)} CPUs and {_num(gpus)} GPUs"
+        else f"this Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs"
     )
     return f"{where}: " + "; ".join(changes)

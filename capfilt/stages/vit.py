@@ -5,7 +5,7 @@ from ViT-L/16 in21k (``../shared/docs/REFERENCE.md``). A recipe on real data poi
 ``pretrain.vision_init`` at such a timm checkpoint. The shapes world has no ImageNet, so this
 stage makes its miniature: a timm VisionTransformer with the recipe's ViT architecture, trained to
 classify the shape of rendered one-object scenes, saved as a timm state dict that
-``capfilt.model.interop.init_vision_from_timm`` loads into both pretraining rounds.
+``capfilt.model.backbones.init_vision_from_timm`` loads into both pretraining rounds.
 
 - The labelled images are the stage's own: scenes drawn from ``seed`` (IDs ``vit-...``), none of
   them a web, human or test image. Augmentation is the pretraining's (``train_transform``).
@@ -21,10 +21,13 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from capfilt.core.stage import Section, Stage, StageContext, StageStatus, human
 
 if TYPE_CHECKING:
     from torch import nn
@@ -149,3 +152,54 @@ def train_vit_classifier(cfg: VitInitConfig, med_config: MedConfig, out_dir: str
         "held_out": cfg.held_out,
         "wall_s": round(time.time() - start, 1),
     }
+
+
+def _pretrain_model(recipe: Any) -> str:
+    section = recipe.section("pretrain")
+    return section.model if section is not None else "med-tiny"
+
+
+class VitStage(Stage):
+    name = "vit"
+    help = "train the ViT both pretraining rounds start from (the shapes world's ImageNet)"
+    sections: ClassVar[Mapping[str, Section]] = {
+        "vit": Section(VitInitConfig, default_factory=VitInitConfig, help="the stand-in ImageNet ViT")
+    }
+
+    def check(self, recipe: Any, check_paths: bool) -> None:
+        pretrain = recipe.section("pretrain")
+        if pretrain is not None and pretrain.vision_init:
+            raise ValueError(
+                "pretrain.vision_init: the 'vit' stage gives the pretraining its ViT; drop one of the two"
+            )
+        if recipe.init.pretrained:
+            raise ValueError(
+                "stages: 'vit' initialises a ViT to pretrain, but init.pretrained skips pretraining"
+            )
+
+    def key(self, recipe: Any) -> Any:
+        return {"vit": self.config(recipe).model_dump(), "model": _pretrain_model(recipe)}
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from capfilt.model.config import get_config
+
+        return train_vit_classifier(self.config(ctx.recipe), get_config(_pretrain_model(ctx.recipe)), ctx.dir)
+
+    def summary(self, result: Mapping[str, Any]) -> list[str]:
+        return [
+            f"steps {result.get('steps')}, loss {human(result.get('first_loss'))} -> "
+            f"{human(result.get('final_loss'))}, held-out shape accuracy "
+            f"{human(result.get('held_out_accuracy'))} (chance 0.333)",
+            f"ViT for both pretraining rounds: {result.get('file')}",
+        ]
+
+    def report(self, result: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        return dict(result)
+
+    def status(self, d: Path, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
+        if result:
+            st.progress = f"held-out shape accuracy {human(result.get('held_out_accuracy'))}"
+        return st
+
+
+STAGE = VitStage()

@@ -63,7 +63,9 @@ def center_itm(med: Med, tokenizer: PreTrainedTokenizerBase, world: Path) -> Non
     import pyarrow.parquet as pq
     import torch
 
-    from capfilt.stages.capfilt.driver import CapFiltConfig, preprocess_batch, score_batch
+    from capfilt.stages.capfilt.config import CapFiltConfig
+    from capfilt.stages.capfilt.pixels import preprocess_batch
+    from capfilt.stages.capfilt.score import score_batch
 
     labels = pq.read_table(world / "web_labels.parquet").to_pylist()
     good = [r for r in labels if r["expect"] == "success" and r["bad_kind"] is None][:CENTER_PAIRS]
@@ -84,7 +86,7 @@ def tiny_models(world: Path, root: Path, center: bool = True) -> dict[str, Path]
     filter, the tokenizer beside each: ``{"captioner": dir, "filter": dir}``."""
     import pyarrow.parquet as pq
 
-    from capfilt.model.interop import export_captioner, export_filter
+    from capfilt.model.hf import export_captioner, export_filter
 
     tok = tiny_tokenizer(pq.read_table(world / "web.parquet").column("caption").to_pylist())
     med = tiny_med(tok)

@@ -143,7 +143,7 @@ def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
 def _prepare_model_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> MedConfig:
     ids = TokenIds.from_tokenizer(tokenizer)
     if cfg.init:
-        from capfilt.model.interop import load_checkpoint
+        from capfilt.model.checkpoint import load_checkpoint
 
         med = load_checkpoint(cfg.init, cfg.model, enc_token_id=ids.enc)  # fail now, not in a worker
         t = med.config.text
@@ -191,7 +191,7 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
     from ray.train.torch import TorchTrainer
 
     from capfilt.core.cluster import ensure_ray, local_threads_per_worker
-    from capfilt.model.interop import save_med
+    from capfilt.model.checkpoint import save_med
 
     out = Path(cfg.out_dir).resolve()
     if cfg.vision_init and Path(cfg.vision_init).exists():

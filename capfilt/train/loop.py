@@ -118,7 +118,7 @@ def build_med(cfg: TrainConfig, med_config: MedConfig) -> Med:
     from ``vision_init`` when given); at
     ``cfg.image_size``, with the heads it will have once trained."""
     if cfg.init:
-        from capfilt.model.interop import load_checkpoint
+        from capfilt.model.checkpoint import load_checkpoint
 
         med = load_checkpoint(cfg.init, cfg.model, enc_token_id=med_config.text.enc_token_id)
         med.heads = med.heads | cfg.trained_heads()
@@ -126,7 +126,7 @@ def build_med(cfg: TrainConfig, med_config: MedConfig) -> Med:
         med = Med(med_config)
         med.heads = cfg.trained_heads()
         if cfg.vision_init:
-            from capfilt.model.interop import init_vision_from_timm
+            from capfilt.model.backbones import init_vision_from_timm
 
             init_vision_from_timm(med, cfg.vision_init)
     if cfg.image_size and cfg.image_size != med.config.vision.image_size:
