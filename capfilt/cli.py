@@ -172,12 +172,15 @@ def _validated(model: Any, options: dict[str, Any], what: str) -> Any:
     """`model` built from CLI options; a ConfigError naming the option on bad values."""
     from pydantic import ValidationError
 
-    from capfilt.pipeline.recipe import validation_lines
-
     try:
         return model.model_validate(options)
     except ValidationError as err:
-        lines = [line.replace("  ", "  --", 1).replace("_", "-") for line in validation_lines(err)]
+        lines = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"])
+            option = "--" + str(e["loc"][0]).replace("_", "-") if e["loc"] else ""
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {option} ({field}): {msg}" if option else f"  {msg}")
         raise ConfigError(f"invalid {what} options:\n" + "\n".join(lines)) from err
 
 

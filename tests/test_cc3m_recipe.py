@@ -24,7 +24,7 @@ from capfilt.core.logs import ContextFilter
 from capfilt.model import get_config
 from capfilt.model.blip_pth import load_blip_pth
 from capfilt.model.hf import export_captioner, export_filter
-from capfilt.pipeline.recipe import Recipe, load_recipe
+from capfilt.pipeline.recipe import load_recipe, recipe_model
 from capfilt.pipeline.status import DONE, run_status
 from capfilt.stages.capfilt.rethreshold import read_cleaned
 from capfilt.stages.download import DownloadConfig
@@ -71,13 +71,13 @@ def test_the_recipe_validates_with_its_paths_swapped_for_existing_ones(tmp_path)
         "karpathy_test": str(tmp_path / "test.json"),
         "image_root": str(tmp_path),
     }
-    rec = Recipe.model_validate(raw)
+    rec = recipe_model().model_validate(raw)
     assert rec.urls is not None and rec.urls.path == tmp_path / "cc3m.tsv"
     # A .pth without its architecture or a tokenizer is refused, naming the field.
     for field in ("arch", "tokenizer"):
         bad = {**raw, "init": {k: v for k, v in raw["init"].items() if k != field}}
         with pytest.raises(ValueError, match=f"init.{field}"):
-            Recipe.model_validate(bad)
+            recipe_model().model_validate(bad)
 
 
 # ---------------------------------------------------------------- tiny inputs of the same kinds

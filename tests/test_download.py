@@ -137,7 +137,7 @@ def test_rerun_with_another_input_is_refused(downloaded, tmp_path):
 
 def test_a_row_img2dataset_loses_is_written_as_failed_internal(served_world, tmp_path, monkeypatch):
     """img2dataset only prints when processing a row raises; we must still write the row."""
-    import capfilt.stages.download as D
+    import capfilt.stages.download.driver as D
 
     _, urls, _ = served_world
     pairs = read_url_list(urls, source="shapes").slice(0, 5)

@@ -26,7 +26,7 @@ import torch
 
 import capfilt.core.shards as shards_mod
 import capfilt.stages.capfilt.driver as C
-import capfilt.stages.download as D
+import capfilt.stages.download.driver as D
 from capfilt.core.errors import StageFailed
 from capfilt.core.shards import INPUTS_DIR, STATS_DIR, done_shards, read_json, stats_path
 from capfilt.io.urllist import read_url_list
@@ -491,7 +491,7 @@ def test_download_survives_a_worker_kill_on_every_other_shard(
     def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
         import os as os_
 
-        import capfilt.stages.download as dl
+        import capfilt.stages.download.driver as dl
 
         if shard in victims and attempt == 1:
             marker = fault_dir / f"killed-{shard}"

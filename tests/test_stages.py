@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from capfilt.cli import app
 from capfilt.core.errors import ConfigError
 from capfilt.core.logs import engine_log
-from capfilt.core.stage import human
+from capfilt.core.stage import readable
 from capfilt.pipeline.recipe import load_recipe, parse_assignments
 from capfilt.pipeline.status import DONE, run_status
 from capfilt.stages import registry
@@ -176,9 +176,9 @@ def test_human_jsons_have_their_own_image_roots_and_every_image_is_checked(tmp_p
 
 
 def test_numbers_in_summaries_are_rounded_for_a_person():
-    assert human(0.35414565059636216) == "0.354"
-    assert human(24.9) == "24.9" and human(1108.04) == "1,108.04" and human(12000) == "12,000"
-    assert human(0.00012345) == "0.000123" and human(None) == "-" and human(0.5) == "0.5"
+    assert readable(0.35414565059636216) == "0.354"
+    assert readable(24.9) == "24.9" and readable(1108.04) == "1,108.04" and readable(12000) == "12,000"
+    assert readable(0.00012345) == "0.000123" and readable(None) == "-" and readable(0.5) == "0.5"
 
 
 def test_the_terminal_shows_our_lines_and_the_log_file_keeps_everything(tmp_path, capfd):
@@ -198,12 +198,16 @@ def test_the_terminal_shows_our_lines_and_the_log_file_keeps_everything(tmp_path
             sys.stderr.write(
                 "(RayTrainWorker pid=77) 10:00:01 INFO capfilt.train.loop [pretrain]: step 100\n"
             )
+            sys.stderr.write("\x1b[33m(raylet)\x1b[0m WARNING: 12 PYTHON worker processes have been started\n")
             sys.stderr.write("a line of ours\n")
     finally:
         root.removeHandler(console)
         root.setLevel(level)
+    with engine_log(tmp_path / "never.log"):
+        pass  # nothing logged: no file (a command that fails on its input writes nothing)
     shown = capfd.readouterr().err
     assert "shard 00001 done" in shown and "step 100" in shown and "a line of ours" in shown
-    assert "PlacementGroupCleaner" not in shown
+    assert "PlacementGroupCleaner" not in shown and "PYTHON worker processes" not in shown
     kept = log_file.read_text()
+    assert not (tmp_path / "never.log").exists()
     assert kept.count("PlacementGroupCleaner") == 2 and "shard 00001 done" in kept and "step 100" in kept

@@ -21,7 +21,7 @@ from capfilt.pipeline import recipe
 from capfilt.pipeline.recipe import load_recipe
 from capfilt.pipeline.runner import run_recipe
 from capfilt.pipeline.status import DONE, NOT_STARTED, UNFINISHED, run_status
-from capfilt.stages.capfilt import driver as capfilt_stage
+from capfilt.stages.capfilt import decisions as capfilt_stage
 
 WORLD = {"seed": 9, "n_web": 60, "n_human": 10, "n_test": 10, "bad_rate": 0.1}
 DOWNLOAD = {"image_size": 32, "shard_size": 40, "thread_count": 8, "timeout": 5, "source": "shapes"}

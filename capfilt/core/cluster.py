@@ -21,6 +21,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     import ray
 
+    from capfilt.core.logs import adopt_engine_loggers
+
+    adopt_engine_loggers()  # Ray's loggers exist now: to the run's log file in a quiet run
     if ray.is_initialized():
         return
     # Ray's usage reporting would try the network, which our machines and many clusters lack.

@@ -69,9 +69,18 @@ def install(handlers: Iterable[logging.Handler]) -> None:
 # A quiet terminal: our progress on the console, the engine's chatter in the run's log file.
 # ---------------------------------------------------------------------------------------------
 
-#: Lines Ray's log monitor copies from its worker processes start with "(name pid=N)"; our own
-#: loggers' lines among them name a logger under "capfilt".
-_WORKER_LINE = re.compile(r"^\x1b?\[?[0-9;]*m?\((?P<who>[^)]*pid=\d+[^)]*)\)")
+#: Lines Ray's log monitor copies from its worker processes start with "(name pid=N)" (after a
+#: carriage return and colour codes); our own loggers' lines among them name a "capfilt." logger.
+_WORKER_LINE = re.compile(r"^\((?P<who>[^)]*pid=\d+[^)]*|raylet|autoscaler|gcs_server|monitor)\)")
+_DECOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\r")
+#: Ray's own loggers, which print through handlers of their own rather than the root logger's.
+ENGINE_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+
+
+def is_engine_line(line: str) -> bool:
+    """A line Ray copied from a worker that is not one of capfilt's log lines."""
+    plain = _DECOR.sub("", line)
+    return bool(_WORKER_LINE.match(plain)) and " capfilt." not in plain
 
 
 class OursOnly(logging.Filter):
@@ -83,11 +92,35 @@ class OursOnly(logging.Filter):
         )
 
 
+class _LazyFile(io.TextIOBase):
+    """A log file opened at its first write, so a command that fails on its input writes nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: TextIO | None = None
+
+    def write(self, text: str) -> int:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = self.path.open("a", encoding="utf-8")
+        return self._f.write(text)
+
+    def flush(self) -> None:
+        if self._f is not None and not self._f.closed:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        super().close()
+
+
 class _SplitStream(io.TextIOBase):
     """A stand-in for sys.stderr/stdout: a line copied from a Ray worker that is not one of our
     log lines goes to the log file only; every other line to the terminal, and all to the file."""
 
-    def __init__(self, console: TextIO, file: TextIO) -> None:
+    def __init__(self, console: TextIO, file: io.TextIOBase) -> None:
         self.console, self.file, self._buf = console, file, ""
 
     def write(self, text: str) -> int:
@@ -95,12 +128,12 @@ class _SplitStream(io.TextIOBase):
         *lines, self._buf = self._buf.split("\n")
         for line in lines:
             self.file.write(line + "\n")
-            if not _WORKER_LINE.match(line) or " capfilt." in line:
+            if not is_engine_line(line):
                 self.console.write(line + "\n")
         return len(text)
 
     def flush(self) -> None:
-        if self._buf and not _WORKER_LINE.match(self._buf):
+        if self._buf and not is_engine_line(self._buf):
             self.console.write(self._buf)
             self.file.write(self._buf)
             self._buf = ""
@@ -115,21 +148,46 @@ class _SplitStream(io.TextIOBase):
         return getattr(self.console, "encoding", "utf-8")
 
 
+_quiet: list[bool] = []  # set while an `engine_log` block that hides the engine is active
+_adopted: dict[str, tuple[list[logging.Handler], bool]] = {}
+
+
+def adopt_engine_loggers() -> None:
+    """Route Ray's own loggers through the root logger (to the log file; the console shows only
+    their errors) while a quiet `engine_log` block is active. Ray configures them when it is
+    imported, so `capfilt.core.cluster.ensure_ray` calls this after importing it."""
+    if not _quiet:
+        return
+    for name in ENGINE_LOGGERS:
+        lg = logging.getLogger(name)
+        if name in _adopted:
+            continue
+        _adopted[name] = (list(lg.handlers), lg.propagate)
+        lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)]
+        lg.propagate = True
+
+
+def _release_engine_loggers() -> None:
+    for name, (handlers, propagate) in _adopted.items():
+        lg = logging.getLogger(name)
+        lg.handlers, lg.propagate = handlers, propagate
+    _adopted.clear()
+
+
 @contextlib.contextmanager
 def engine_log(path: Path, *, verbose: bool = False) -> Iterator[Path]:
-    """Within the block, every log record (DEBUG and up) is appended to `path`; unless `verbose`,
-    the console's handlers show only capfilt's records and errors, and lines Ray copies from its
-    workers reach the terminal only when they are capfilt's own."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Within the block, every log record (DEBUG and up) is appended to `path` (created at the
+    first line); unless `verbose`, the console's handlers show only capfilt's records and errors,
+    Ray's own loggers write to the file only, and lines Ray copies from its workers reach the
+    terminal only when they are capfilt's own."""
     root = logging.getLogger()
-    stream = path.open("a", encoding="utf-8")
+    stream = _LazyFile(path)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     handler.setLevel(logging.DEBUG)
     install([handler])
     consoles = [h for h in root.handlers if isinstance(h, logging.StreamHandler)]
     quiet = OursOnly()
-    old_level = root.level
     saved = sys.stdout, sys.stderr
     root.addHandler(handler)
     if not verbose:
@@ -139,14 +197,20 @@ def engine_log(path: Path, *, verbose: bool = False) -> Iterator[Path]:
             h.addFilter(quiet)
         sys.stdout = _SplitStream(saved[0], stream)  # type: ignore[assignment]
         sys.stderr = _SplitStream(saved[1], stream)  # type: ignore[assignment]
+        _quiet.append(True)
+        if "ray" in sys.modules:
+            adopt_engine_loggers()
     try:
         yield path
     finally:
         for s in (sys.stdout, sys.stderr):
             s.flush()
         sys.stdout, sys.stderr = saved
+        if not verbose:
+            _quiet.pop()
+            if not _quiet:
+                _release_engine_loggers()
         for h in consoles:
             h.removeFilter(quiet)
         root.removeHandler(handler)
-        root.setLevel(old_level)
         stream.close()

@@ -123,7 +123,7 @@ class Stage:
 
     def summary(self, result: Mapping[str, Any]) -> list[str]:
         """Lines for the CLI's end-of-run summary. Default: the result's plain values, rounded."""
-        return [f"{k}: {human(v)}" for k, v in result.items() if isinstance(v, str | int | float | bool)]
+        return [f"{k}: {readable(v)}" for k, v in result.items() if isinstance(v, str | int | float | bool)]
 
     def report(self, result: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """The report's table of this stage (name -> value), or None for no table. Default: the
@@ -143,7 +143,7 @@ def json_of(value: Any) -> Any:
     return value
 
 
-def human(value: Any, digits: int = 3) -> str:
+def readable(value: Any, digits: int = 3) -> str:
     """A number as a person reads it: floats rounded to `digits` decimals (at least 3 significant
     figures for small ones), ints with thousands separators; anything else as str."""
     if isinstance(value, bool) or value is None:

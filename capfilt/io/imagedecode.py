@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -12,6 +13,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = ["decode_image"]
 
 logger = logging.getLogger(__name__)
+
+
+_OBJECT_REPR = re.compile(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>")
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -30,8 +34,11 @@ def decode_image(data: bytes) -> Image.Image:
             return _to_rgb(_apply_exif_orientation(opened))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         head = bytes(data[:8]).hex()
+        # Pillow names the stream object ("<_io.BytesIO object at 0x7f...>"): an address that
+        # differs per run would make the same bad image's reason differ between runs.
+        message = _OBJECT_REPR.sub("", str(err)).rstrip()
         raise ValueError(
-            f"cannot decode image ({len(data)} bytes, starting {head}): {type(err).__name__}: {err}"
+            f"cannot decode image ({len(data)} bytes, starting {head}): {type(err).__name__}: {message}"
         ) from err
 
 

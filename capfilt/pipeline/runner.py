@@ -22,7 +22,7 @@ from typing import Any
 from capfilt.core.layout import RUN_FILE, STAGES_DIR
 from capfilt.core.logs import log_context
 from capfilt.core.shards import read_json, write_json_atomic
-from capfilt.core.stage import Stage, StageContext, human, json_of
+from capfilt.core.stage import Stage, StageContext, json_of, readable
 from capfilt.pipeline.recipe import Recipe
 from capfilt.stages import registry
 
@@ -217,7 +217,7 @@ def summary_blocks(result: RunResult) -> list[tuple[str, list[str]]]:
         r = m.get("result") or {}
         skipped = name in result.skipped
         title = f"{name}" + (
-            " (unchanged, skipped)" if skipped else f" ({human(round(m.get('wall_s', 0)))} s)"
+            " (unchanged, skipped)" if skipped else f" ({readable(round(m.get('wall_s', 0)))} s)"
         )
         blocks.append((title, registry.get(name).summary(r) if name in registry.names() else []))
     return blocks

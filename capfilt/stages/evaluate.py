@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from capfilt.core.stage import Section, Stage, StageContext, StageStatus, human
+from capfilt.core.stage import Section, Stage, StageContext, StageStatus, readable
 from capfilt.eval.config import EvalConfig
 from capfilt.stages import registry
 
@@ -56,7 +56,7 @@ class EvaluateStage(Stage):
         q = result.get("capfilt") or {}
         if q:
             lines.append(
-                f"noise before CapFilt {human(q.get('noise_before'))}, after {human(q.get('noise_after'))}"
+                f"noise before CapFilt {readable(q.get('noise_before'))}, after {readable(q.get('noise_after'))}"
             )
         lines.append(f"report: {result.get('report')}")
         return lines

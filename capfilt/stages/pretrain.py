@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from capfilt.core.layout import CLEANED_DIR, TRAIN_CONFIG, TRAIN_SUMMARY
 from capfilt.core.shards import read_json
-from capfilt.core.stage import Fit, Section, Stage, StageContext, StageStatus, human
+from capfilt.core.stage import Fit, Section, Stage, StageContext, StageStatus, readable
 from capfilt.train.section import TrainSection
 
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)")
@@ -44,7 +44,7 @@ def fit_section(recipe: Any, field: str, label: str, cpus: float, gpus: float) -
 
 def _losses(d: Mapping[str, Any] | None) -> str:
     items = sorted((d or {}).items())
-    return ", ".join(f"{k.removeprefix('loss_')} {human(v)}" for k, v in items if k != "loss") or "-"
+    return ", ".join(f"{k.removeprefix('loss_')} {readable(v)}" for k, v in items if k != "loss") or "-"
 
 
 def train_lines(r: Mapping[str, Any]) -> list[str]:
@@ -52,7 +52,7 @@ def train_lines(r: Mapping[str, Any]) -> list[str]:
     if "steps" not in r:
         return [f"model: {r.get('model_dir')} (given)"]
     return [
-        f"steps {r['steps']}, {human(r['samples_per_s'])} samples/s, {human(round(r['wall_s']))} s",
+        f"steps {r['steps']}, {readable(r['samples_per_s'])} samples/s, {readable(round(r['wall_s']))} s",
         f"losses first: {_losses(r.get('first_losses'))}",
         f"losses final: {_losses(r.get('final_losses'))}",
         f"model: {r['model_dir']}",

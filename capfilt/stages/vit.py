@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from capfilt.core.stage import Section, Stage, StageContext, StageStatus, human
+from capfilt.core.stage import Section, Stage, StageContext, StageStatus, readable
 
 if TYPE_CHECKING:
     from torch import nn
@@ -187,9 +187,9 @@ class VitStage(Stage):
 
     def summary(self, result: Mapping[str, Any]) -> list[str]:
         return [
-            f"steps {result.get('steps')}, loss {human(result.get('first_loss'))} -> "
-            f"{human(result.get('final_loss'))}, held-out shape accuracy "
-            f"{human(result.get('held_out_accuracy'))} (chance 0.333)",
+            f"steps {result.get('steps')}, loss {readable(result.get('first_loss'))} -> "
+            f"{readable(result.get('final_loss'))}, held-out shape accuracy "
+            f"{readable(result.get('held_out_accuracy'))} (chance 0.333)",
             f"ViT for both pretraining rounds: {result.get('file')}",
         ]
 
@@ -198,7 +198,7 @@ class VitStage(Stage):
 
     def status(self, d: Path, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
         if result:
-            st.progress = f"held-out shape accuracy {human(result.get('held_out_accuracy'))}"
+            st.progress = f"held-out shape accuracy {readable(result.get('held_out_accuracy'))}"
         return st
 
 

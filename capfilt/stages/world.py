@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from capfilt.core.shards import read_json, write_json_atomic
-from capfilt.core.stage import Section, Stage, StageContext, StageStatus, human
+from capfilt.core.stage import Section, Stage, StageContext, StageStatus, readable
 from capfilt.world.make import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ class WorldStage(Stage):
 
 def _counts(value: Any) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k} {human(v)}" for k, v in value.items())
-    return human(value)
+        return ", ".join(f"{k} {readable(v)}" for k, v in value.items())
+    return readable(value)
 
 
 @contextlib.contextmanager

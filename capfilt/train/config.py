@@ -68,7 +68,7 @@ class TrainConfig(BaseModel):
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(1e-6, ge=0)
     warmup_lr: float = Field(1e-6, ge=0)
-    warmup_steps: int = Field(3000, ge=0)
+    warmup_steps: int = Field(3000, ge=0)  # BLIP's 3000; unset with `steps`: min(3000, steps // 10)
     decay_rate: float = Field(0.9, gt=0, le=1)  # per epoch, for step_decay
     schedule: Literal["step_decay", "cosine"] = "step_decay"
     weight_decay: float = Field(0.05, ge=0)
@@ -104,6 +104,15 @@ class TrainConfig(BaseModel):
     def _paths_to_sources(cls, v: Any) -> Any:
         items = v if isinstance(v, list | tuple) else [v]
         return [DataSource(path=str(x)) if isinstance(x, str | Path) else x for x in items]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warmup_default(cls, value: Any) -> Any:
+        # The one warmup rule, for recipes and the CLI alike: BLIP warms up over 3000 steps; a
+        # shorter run that names no warmup warms up over its first tenth.
+        if isinstance(value, dict) and value.get("warmup_steps") is None and value.get("steps"):
+            value = {**value, "warmup_steps": min(3000, int(value["steps"]) // 10)}
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

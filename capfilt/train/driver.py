@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from capfilt.core.errors import ConfigError, StageFailed
 from capfilt.model import MedConfig, get_config
 from capfilt.model.objectives_config import check_queue_size
-from capfilt.model.tokenizer import TokenIds, load_tokenizer, train_wordpiece
+from capfilt.model.tokenizer import TokenIds, find_tokenizer, load_tokenizer, train_wordpiece
 from capfilt.train.config import (
     _RESUME_MAY_CHANGE,
     CONFIG_FILE,
@@ -117,17 +117,16 @@ def _prepare_tokenizer(
     tok_dir = out / TOKENIZER_DIR
     if tok_dir.is_dir():
         return load_tokenizer(tok_dir)
-    given = cfg.tokenizer
-    if given is None and cfg.init and (Path(cfg.init) / "tokenizer_config.json").is_file():
-        given = cfg.init
-    if given is not None:
+    if cfg.tokenizer is not None or cfg.init:
+        try:  # the model's own, by the one rule (capfilt.model.tokenizer.find_tokenizer)
+            given = find_tokenizer(cfg.init or ".", override=cfg.tokenizer)
+        except ConfigError as err:
+            raise ConfigError(
+                f"init {cfg.init}: {err}; pass tokenizer= the folder it was trained with"
+            ) from None
         tokenizer = load_tokenizer(given)
         tokenizer.save_pretrained(str(tok_dir))
         return tokenizer
-    if cfg.init:
-        raise ConfigError(
-            f"init {cfg.init} has no tokenizer beside it; pass tokenizer= the folder it was trained with"
-        )
     texts = iter_texts(sources, cfg.max_words)
     if cfg.prompt:
         texts = _chain([cfg.prompt], texts)

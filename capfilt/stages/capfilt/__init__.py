@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from capfilt.core.layout import CANDIDATES_DIR, CAPTIONS_DIR, CLEANED_DIR, MANIFEST, STATS_DIR
 from capfilt.core.shards import read_json
-from capfilt.core.stage import Fit, Section, Stage, StageContext, StageStatus, human
+from capfilt.core.stage import Fit, Section, Stage, StageContext, StageStatus, readable
 from capfilt.stages.capfilt.config import CapFiltConfig
 from capfilt.stages.capfilt.decisions import REASON_HUMAN, REASON_NO_FILTER
 
@@ -109,9 +109,9 @@ class CapFiltStage(Stage):
 
     def summary(self, result: Mapping[str, Any]) -> list[str]:
         return [
-            f"images {human(result.get('images'))}, texts considered {human(result.get('texts_considered'))}",
-            f"kept {human(result.get('kept'))}, images with no kept text {human(result.get('images_no_kept_text'))}",
-            f"mean ITM {human(result.get('mean_itm'))}",
+            f"images {readable(result.get('images'))}, texts considered {readable(result.get('texts_considered'))}",
+            f"kept {readable(result.get('kept'))}, images with no kept text {readable(result.get('images_no_kept_text'))}",
+            f"mean ITM {readable(result.get('mean_itm'))}",
         ]
 
     def report(self, result: Mapping[str, Any]) -> Mapping[str, Any] | None:

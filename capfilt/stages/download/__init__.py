@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from capfilt.core.layout import INPUTS_DIR, STATS_DIR, SUMMARY
 from capfilt.core.shards import done_shards, read_json, shard_name
-from capfilt.core.stage import Fit, Section, Stage, StageContext, StageStatus, human, json_of
+from capfilt.core.stage import Fit, Section, Stage, StageContext, StageStatus, json_of, readable
 from capfilt.stages.download.driver import (
     DownloadConfig,
     download_shard,
@@ -113,9 +113,9 @@ class DownloadStage(Stage):
     def summary(self, result: Mapping[str, Any]) -> list[str]:
         failed = {k: v for k, v in result.get("status_counts", {}).items() if k != "success"}
         return [
-            f"rows in {human(result.get('rows_in'))}, downloaded {human(result.get('downloaded'))}, "
-            f"not downloaded {human(sum(failed.values()))}",
-            "by status: " + (", ".join(f"{k} {human(v)}" for k, v in sorted(failed.items())) or "-"),
+            f"rows in {readable(result.get('rows_in'))}, downloaded {readable(result.get('downloaded'))}, "
+            f"not downloaded {readable(sum(failed.values()))}",
+            "by status: " + (", ".join(f"{k} {readable(v)}" for k, v in sorted(failed.items())) or "-"),
             f"shards {result.get('shards_total')} ({result.get('shards_written')} written, "
             f"{result.get('shards_skipped')} done before)",
         ]
