@@ -267,7 +267,7 @@ class Faults:
     # the faults ------------------------------------------------------------------------
 
     def download_worker_killed(self) -> None:
-        import capfilt.stages.download as D
+        import capfilt.stages.download.driver as D  # run_download looks download_shard up here
 
         out, marker = self.work / "dl-worker-killed", self.work / "dl-worker-killed.marker"
         with patched(D, "download_shard", download_killed_before_rename(1, marker)):
@@ -287,7 +287,7 @@ class Faults:
         )
 
     def _always_failing(self, name: str, budget: int) -> None:
-        import capfilt.stages.download as D
+        import capfilt.stages.download.driver as D  # run_download looks download_shard up here
         from capfilt.core.errors import StageFailed
 
         out = self.work / name

@@ -230,9 +230,10 @@ def kill_driver(proc: subprocess.Popen[bytes]) -> None:
 
 
 def download_killed_before_rename(victim: int, marker: Path) -> Callable[..., dict[str, Any]]:
-    """A stand-in for download_shard: on shard ``victim``'s first attempt the worker fetches and
-    encodes the whole shard, writes its temp file, and is SIGKILLed just before the rename (the
-    marker gets ``{"pid", "tmp"}``). Other shards and later attempts are the real thing."""
+    """A stand-in for download_shard (patch capfilt.stages.download.driver's): on shard ``victim``'s
+    first attempt the worker fetches and encodes the whole shard, writes its temp file, and is
+    SIGKILLed just before the rename (the marker gets ``{"pid", "tmp"}``). Other shards and later
+    attempts are the real thing."""
 
     def task(shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1) -> dict[str, Any]:
         import os as os_

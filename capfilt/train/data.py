@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import random
 import sys
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
 from capfilt.core.text import pre_caption
+from capfilt.io.karpathy import read_entries
 from capfilt.train.config import DataSource
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def resolve_sources(sources: Iterable[DataSource | str]) -> list[_Resolved]:
         if src.kind == "karpathy" or (src.kind == "auto" and path.suffix == ".json"):
             if not path.is_file():
                 raise ConfigError(f"{path} should be a COCO-Karpathy JSON file")
-            entries = _read_karpathy_entries(path)
+            entries = read_entries(path)
             out.append(_Resolved("karpathy", path, image_root=_karpathy_root(path, entries, src.image_root)))
             continue
         if not path.is_dir():
@@ -156,25 +156,13 @@ def resolve_sources(sources: Iterable[DataSource | str]) -> list[_Resolved]:
     return out
 
 
-def _read_karpathy_entries(path: Path) -> list[dict[str, Any]]:
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read COCO-Karpathy JSON {path}: {err}") from err
-    if not isinstance(entries, list) or any(
-        not isinstance(e, dict) or "image" not in e or "caption" not in e for e in entries
-    ):
-        raise ConfigError(f"{path} is not a COCO-Karpathy list of {{'image', 'caption', 'image_id'}} entries")
-    return entries
-
-
 def read_karpathy(path: str | Path, image_root: str | Path | None = None) -> pa.Table:
     """A COCO-Karpathy JSON as a table of (path: absolute image path, text, image_key), one row
     per caption. A list-valued ``caption`` (the test format) gives one row per caption. The
     image key comes from ``image_id`` when present, else from the image path, so every caption
     of an image shares it."""
     json_path = Path(path)
-    entries = _read_karpathy_entries(json_path)
+    entries = read_entries(json_path)
     root = _karpathy_root(json_path, entries, str(image_root) if image_root else None)
     paths: list[str] = []
     texts: list[str] = []
