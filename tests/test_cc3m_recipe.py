@@ -16,11 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from capfilt.cli import app
 from capfilt.core.errors import ConfigError
-from capfilt.core.logs import ContextFilter
 from capfilt.model import get_config
 from capfilt.model.blip_pth import load_blip_pth
 from capfilt.model.hf import export_captioner, export_filter
@@ -28,6 +25,8 @@ from capfilt.pipeline.recipe import load_recipe, recipe_model
 from capfilt.pipeline.status import DONE, run_status
 from capfilt.stages.capfilt.rethreshold import read_cleaned
 from capfilt.stages.download import DownloadConfig
+from capfilt.testing.blip import blip_names
+from capfilt.testing.cli import invoke_with_records
 from capfilt.testing.models import tiny_med, tiny_tokenizer
 from capfilt.world import WorldConfig, WorldServer, make_world
 
@@ -83,39 +82,6 @@ def test_the_recipe_validates_with_its_paths_swapped_for_existing_ones(tmp_path)
 # ---------------------------------------------------------------- tiny inputs of the same kinds
 
 
-def _blip_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Med's parameter names -> the names in BLIP's original checkpoints (timm ViT names)."""
-    top = {
-        "embeddings.class_embedding": "cls_token",
-        "embeddings.position_embedding": "pos_embed",
-        "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
-        "post_layernorm.weight": "norm.weight",
-        "post_layernorm.bias": "norm.bias",
-    }
-    parts = {
-        "layer_norm1": "norm1",
-        "layer_norm2": "norm2",
-        "self_attn.qkv": "attn.qkv",
-        "self_attn.projection": "attn.proj",
-        "mlp.fc1": "mlp.fc1",
-        "mlp.fc2": "mlp.fc2",
-    }
-    out = {}
-    for key, value in state.items():
-        if key.startswith("vision_model."):
-            rest = key.removeprefix("vision_model.")
-            if rest in top:
-                rest = top[rest]
-            else:
-                _, _, layer, tail = rest.split(".", 3)  # encoder.layers.<i>.<tail>
-                old = next(p for p in parts if tail.startswith(p + "."))
-                rest = f"blocks.{layer}.{parts[old]}{tail[len(old) :]}"
-            key = f"visual_encoder.{rest}"
-        out[key] = value.detach().clone()
-    return out
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cc3m-world")
@@ -136,7 +102,7 @@ def checkpoints(world: Path, tmp_path_factory) -> dict[str, Path]:
     with torch.no_grad():
         med.itm_head.bias[1] += 4.0  # a random filter keeps (almost) everything: round 2 gets data
     pth = root / "model_base.pth"
-    torch.save({"model": _blip_names(med.state_dict())}, pth)
+    torch.save({"model": blip_names(med.state_dict())}, pth)
     back = load_blip_pth(pth, get_config(arch))
     assert back.heads == {"itc", "itm", "lm"}
     assert torch.equal(back.state_dict()["vision_model.embeddings.position_embedding"],
@@ -189,12 +155,6 @@ def _swapped(
 def cc3m_run(ray_local, world, checkpoints, tmp_path_factory) -> tuple[Path, Any, list[logging.LogRecord]]:
     """`capfilt run` on the swapped recipe, with the world served on loopback as the web."""
     root = tmp_path_factory.mktemp("cc3m-run")
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    handler.addFilter(ContextFilter())
-    logger = logging.getLogger("capfilt")
-    level = logger.level
     with WorldServer(world) as server:
         # The CC3M layout after adding its header: caption first, then url.
         web = pq.read_table(world / "web.parquet").to_pylist()
@@ -207,13 +167,7 @@ def cc3m_run(ray_local, world, checkpoints, tmp_path_factory) -> tuple[Path, Any
         recipe.write_text(
             yaml.safe_dump(_swapped(_raw(), tsv=tsv, world=world, ckpt=checkpoints, out=root / "run"))
         )
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        try:
-            result = CliRunner().invoke(app, ["run", str(recipe)])
-        finally:
-            logger.removeHandler(handler)
-            logger.setLevel(level)
+        result, records = invoke_with_records(["run", str(recipe)])
     return root / "run", result, records
 
 

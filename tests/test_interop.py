@@ -29,6 +29,7 @@ from capfilt.model.config import MedConfig
 from capfilt.model.hf import export_captioner, export_filter, load_hf, med_config_from_blip
 from capfilt.model.med import Med
 from capfilt.model.weights import CheckpointError
+from capfilt.testing.blip import blip_names
 
 ATOL = 1e-5
 VOCAB, BOS, ENC, PAD, SEP = 99, 97, 98, 0, 2
@@ -228,39 +229,6 @@ def test_capfilt_format_round_trip(tmp_path):
 # -------------------------------------------------------------------------------- original BLIP .pth
 
 
-def _to_blip_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers names -> BLIP's original ones (the inverse of the documented mapping)."""
-    block = {
-        "layer_norm1": "norm1",
-        "layer_norm2": "norm2",
-        "self_attn.qkv": "attn.qkv",
-        "self_attn.projection": "attn.proj",
-        "mlp.fc1": "mlp.fc1",
-        "mlp.fc2": "mlp.fc2",
-    }
-    top = {
-        "embeddings.class_embedding": "cls_token",
-        "embeddings.position_embedding": "pos_embed",
-        "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
-        "post_layernorm.weight": "norm.weight",
-        "post_layernorm.bias": "norm.bias",
-    }
-    out = {}
-    for key, value in state.items():
-        if key.startswith("vision_model."):
-            rest = key.removeprefix("vision_model.")
-            if rest in top:
-                rest = top[rest]
-            else:
-                _, _, i, tail = rest.split(".", 3)
-                name = next(k for k in block if tail.startswith(k + "."))
-                rest = f"blocks.{i}.{block[name]}{tail[len(name) :]}"
-            key = f"visual_encoder.{rest}"
-        out[key] = value.clone()
-    return out
-
-
 def _with_training_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What BLIP's checkpoints also carry: momentum copies, queues, temp, position_ids buffers."""
     extra = {
@@ -280,7 +248,7 @@ def _with_training_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def test_original_pth_loads_with_identical_outputs(tmp_path, hf_captioner, hf_filter):
     pixels, ids, mask = _inputs()
     for hf, kind in ((hf_captioner[0], "caption"), (hf_filter[0], "retrieval")):
-        state = _with_training_state(_to_blip_names(hf.state_dict()))
+        state = _with_training_state(blip_names(hf.state_dict()))
         state[
             "text_decoder.bert.embeddings.position_ids"
             if kind == "caption"
@@ -319,7 +287,7 @@ def test_original_pretrain_pth_with_every_part_and_a_resized_position_table(tmp_
     torch.manual_seed(0)
     src = create_med("med-tiny").eval()
     _perturb(src, 5)
-    state = _with_training_state(_to_blip_names(src.state_dict()))
+    state = _with_training_state(blip_names(src.state_dict()))
     path = tmp_path / "model_base.pth"
     torch.save({"model": state}, path)
     med = load_blip_pth(path, "med-tiny")
@@ -350,7 +318,7 @@ def test_a_pth_runs_at_its_own_image_size_without_arch_and_without_resizing(tmp_
     src.set_image_size(96)  # as a 384 px BLIP checkpoint is to med-base's 224
     _perturb(src, 8)
     path = tmp_path / "model_96.pth"
-    torch.save({"model": _with_training_state(_to_blip_names(src.state_dict()))}, path)
+    torch.save({"model": _with_training_state(blip_names(src.state_dict()))}, path)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         med = load_checkpoint(path)  # no arch: med-tiny is the one family with these widths

@@ -4,16 +4,13 @@ recipe, and the runner applying it (a download asking for more CPUs than local R
 from __future__ import annotations
 
 import json
-import logging
 
 import yaml
-from typer.testing import CliRunner
 
-from capfilt.cli import app
-from capfilt.core.logs import ContextFilter
 from capfilt.model import get_config
 from capfilt.pipeline.recipe import Recipe, load_recipe, recipe_model
 from capfilt.pipeline.resources import describe, fit_resources, ray_stages
+from capfilt.testing.cli import invoke_with_records
 from capfilt.train.section import CaptionerSection
 
 CC3M = "pipelines/cc3m.yaml"
@@ -117,19 +114,7 @@ MINI = {
 def test_the_runner_scales_the_recipe_to_local_ray_and_logs_stage_names(ray_local, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({**MINI, "out": str(tmp_path / "run")}))
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    handler.addFilter(ContextFilter())
-    logger = logging.getLogger("capfilt")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        result = CliRunner().invoke(app, ["run", str(path)])
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    result, records = invoke_with_records(["run", str(path)])
     assert result.exit_code == 0, result.output
     assert "resources" in result.output
     assert "no GPU on this Ray cluster (4 CPUs): download cpus_per_task 64 -> 4" in result.output

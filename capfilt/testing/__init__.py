@@ -1,4 +1,4 @@
-"""Fixtures for tests and benchmarks: tiny models, fault injection, thread limits; imports lazily.
+"""Fixtures for tests and benchmarks: tiny models, fault injection, BLIP-style .pth files, thread limits; imports lazily.
 
 ``import capfilt.testing`` loads neither torch nor Ray: every name is looked up in its module on
 first use (``capfilt.testing.models``, ``capfilt.testing.faults``).
@@ -10,6 +10,10 @@ import importlib
 from typing import Any
 
 _WHERE = {
+    # the CLI in-process
+    "invoke_with_records": "cli",
+    # BLIP .pth checkpoints
+    "blip_names": "blip",
     # tiny models
     "TINY_VOCAB": "models",
     "center_itm": "models",
