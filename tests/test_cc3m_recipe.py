@@ -59,7 +59,7 @@ def test_the_recipe_asks_for_real_data_published_checkpoints_and_gpus():
         load_recipe(RECIPE)
 
 
-def test_the_recipe_validates_with_its_paths_swapped_for_existing_ones(tmp_path):
+def test_the_recipe_validates_with_its_paths_swapped_for_existing_ones(tmp_path, checkpoints):
     raw = _raw()
     (tmp_path / "cc3m.tsv").write_text("caption\turl\na cat\thttp://x/1.jpg\n")
     (tmp_path / "train.json").write_text("[]")
@@ -70,13 +70,21 @@ def test_the_recipe_validates_with_its_paths_swapped_for_existing_ones(tmp_path)
         "karpathy_test": str(tmp_path / "test.json"),
         "image_root": str(tmp_path),
     }
+    # The published checkpoints are inputs too: validate checks they exist and fit their roles.
+    with pytest.raises(
+        ValueError, match="init.captioner /data/checkpoints/blip-image-captioning-base does not exist"
+    ):
+        recipe_model().model_validate(raw)
+    raw["init"] |= {k: str(checkpoints[k]) for k in ("pretrained", "tokenizer", "captioner", "filter")}
     rec = recipe_model().model_validate(raw)
     assert rec.urls is not None and rec.urls.path == tmp_path / "cc3m.tsv"
-    # A .pth without its architecture or a tokenizer is refused, naming the field.
-    for field in ("arch", "tokenizer"):
-        bad = {**raw, "init": {k: v for k, v in raw["init"].items() if k != field}}
-        with pytest.raises(ValueError, match=f"init.{field}"):
-            recipe_model().model_validate(bad)
+    # A .pth holds no tokenizer: without one it is refused, naming the field. Its architecture is
+    # read from its weights, so init.arch may be left out.
+    bad = {**raw, "init": {k: v for k, v in raw["init"].items() if k != "tokenizer"}}
+    with pytest.raises(ValueError, match="init.tokenizer"):
+        recipe_model().model_validate(bad)
+    no_arch = {**raw, "init": {k: v for k, v in raw["init"].items() if k != "arch"}}
+    assert recipe_model().model_validate(no_arch).init.arch is None
 
 
 # ---------------------------------------------------------------- tiny inputs of the same kinds
