@@ -194,6 +194,7 @@ def run(
     set_: Annotated[list[str] | None, _set_option()] = None,
 ) -> None:
     """Run the stages a recipe names, skipping work already done."""
+    from capfilt.core.cluster import ray_running, shutdown_local_ray
     from capfilt.pipeline.recipe import load_recipe, parse_assignments
     from capfilt.pipeline.runner import run_recipe, summary_blocks
 
@@ -205,8 +206,13 @@ def run(
         if ray_address:
             overrides["ray_address"] = None if ray_address == "local" else ray_address
         rec = load_recipe(recipe, overrides)
+        ours = not ray_running()  # a Ray this command starts is stopped by it, in the quiet block
         with _engine_log(Path(rec.out)):
-            result = run_recipe(rec)
+            try:
+                result = run_recipe(rec)
+            finally:
+                if ours:
+                    shutdown_local_ray()  # Ray's last lines go to the log file, not after the summary
     except (ConfigError, StageFailed) as err:
         _fail(err)
     for title, lines in summary_blocks(result):

@@ -179,6 +179,8 @@ def test_numbers_in_summaries_are_rounded_for_a_person():
     assert readable(0.35414565059636216) == "0.354"
     assert readable(24.9) == "24.9" and readable(1108.04) == "1,108.04" and readable(12000) == "12,000"
     assert readable(0.00012345) == "0.000123" and readable(None) == "-" and readable(0.5) == "0.5"
+    by_source = {"human": None, "synthetic": 0.35015193663628125, "web": 1500}
+    assert readable(by_source) == "human -, synthetic 0.35, web 1,500"
 
 
 def test_the_terminal_shows_our_lines_and_the_log_file_keeps_everything(tmp_path, capfd):

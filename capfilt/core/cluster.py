@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,23 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         object_store_memory=512 * 1024 * 1024,
     )
     _started_local = True
+
+
+def ray_running() -> bool:
+    """Whether this process is connected to Ray already (without importing Ray to find out)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def shutdown_local_ray() -> None:
+    """Stop the embedded local instance this process started (a joined cluster keeps running)."""
+    global _started_local
+    if not _started_local:
+        return
+    import ray
+
+    ray.shutdown()
+    _started_local = False
 
 
 def cluster_cpus() -> int:

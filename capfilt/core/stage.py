@@ -145,7 +145,10 @@ def json_of(value: Any) -> Any:
 
 def readable(value: Any, digits: int = 3) -> str:
     """A number as a person reads it: floats rounded to `digits` decimals (at least 3 significant
-    figures for small ones), ints with thousands separators; anything else as str."""
+    figures for small ones), ints with thousands separators, a dict as "key value, ..." of those;
+    anything else as str."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {readable(v, digits)}" for k, v in value.items()) or "-"
     if isinstance(value, bool) or value is None:
         return "-" if value is None else str(value)
     if isinstance(value, int):

@@ -52,7 +52,7 @@ def train_lines(r: Mapping[str, Any]) -> list[str]:
     if "steps" not in r:
         return [f"model: {r.get('model_dir')} (given)"]
     return [
-        f"steps {r['steps']}, {readable(r['samples_per_s'])} samples/s, {readable(round(r['wall_s']))} s",
+        f"steps {r['steps']}, {readable(r['samples_per_s'], 1)} samples/s, {readable(round(r['wall_s']))} s",
         f"losses first: {_losses(r.get('first_losses'))}",
         f"losses final: {_losses(r.get('final_losses'))}",
         f"model: {r['model_dir']}",
