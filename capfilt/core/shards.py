@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from capfilt.core import fs
+from capfilt.core.fs import Location
 from capfilt.core.layout import INPUTS_DIR, MANIFEST, STATS_DIR, SUMMARY, TMP_DIR
 
 __all__ = ["INPUTS_DIR", "MANIFEST", "STATS_DIR", "SUMMARY", "TMP_DIR"]
@@ -23,11 +24,11 @@ def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 
 
-def shard_path(out_dir: Path, shard: int) -> Path:
+def shard_path(out_dir: Location, shard: int) -> Location:
     return out_dir / f"{shard_name(shard)}.parquet"
 
 
-def stats_path(out_dir: Path, shard: int) -> Path:
+def stats_path(out_dir: Location, shard: int) -> Location:
     return out_dir / STATS_DIR / f"{shard_name(shard)}.json"
 
 
@@ -46,7 +47,7 @@ def safe_component(name: str, what: str = "name") -> str:
     return name
 
 
-def inside(root: Path, *parts: str) -> Path:
+def inside(root: Location, *parts: str) -> Location:
     """`root` joined with `parts`, each checked by safe_component: a path that stays in `root`."""
     path = root
     for part in parts:
@@ -54,28 +55,20 @@ def inside(root: Path, *parts: str) -> Path:
     return path
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
+def write_json_atomic(path: Location, obj: Any) -> None:
+    """Write JSON so a crash never leaves a half file behind (``capfilt.core.fs.write_atomic``)."""
+    fs.write_json_atomic(path, obj)
+
+
+def write_parquet_atomic(path: Location, table: pa.Table) -> None:
+    """Write a Parquet file whole or not at all: temp file and rename locally, one put remotely."""
+    if isinstance(path, fs.RemotePath):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        fs.write_atomic(path, sink.getvalue().to_pybytes())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file and rename, so a crash never leaves a half file behind."""
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    """Write a Parquet file via a temp file and rename."""
-    fd, tmp = _atomic_target(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
@@ -85,22 +78,18 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> None:
         raise
 
 
-def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: Location | str) -> Any:
+    return fs.read_json(path)
 
 
-def done_shards(out_dir: Path) -> set[int]:
+def done_shards(out_dir: Location) -> set[int]:
     """Shards whose stats file exists. The stats file is written last, so it marks a shard done."""
     sdir = out_dir / STATS_DIR
     if not sdir.exists():
         return set()
-    done = set()
-    for p in sdir.glob("*.json"):
-        if p.stem.isdigit() and shard_path(out_dir, int(p.stem)).exists():
-            done.add(int(p.stem))
-    return done
+    shards = {p.stem for p in out_dir.glob("*.parquet")}  # one listing, not one request per shard
+    return {int(p.stem) for p in sdir.glob("*.json") if p.stem.isdigit() and p.stem in shards}
 
 
-def read_shard_stats(out_dir: Path) -> list[dict[str, Any]]:
+def read_shard_stats(out_dir: Location) -> list[dict[str, Any]]:
     return [read_json(stats_path(out_dir, s)) for s in sorted(done_shards(out_dir))]

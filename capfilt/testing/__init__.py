@@ -21,6 +21,8 @@ _WHERE = {
     "tiny_med": "models",
     "tiny_models": "models",
     "tiny_tokenizer": "models",
+    # object storage
+    "s3_server": "s3",
     # fault injection
     "DEADLINE_S": "faults",
     "RAY_START_TIMEOUT": "faults",
