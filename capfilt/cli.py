@@ -349,6 +349,45 @@ def rethreshold(
 
 
 @app.command()
+def calibrate(
+    run: Annotated[
+        str, typer.Option(help="A CapFilt output folder, or a `capfilt run` folder (its capfilt stage).")
+    ],
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="Parquet/CSV/JSONL of labelled rows: 'correct' and 'text_uid' (or 'uid' and 'text')."
+        ),
+    ],
+    target_precision: Annotated[
+        float, typer.Option(help="The precision the kept texts must reach, e.g. 0.95.")
+    ],
+    source: Annotated[
+        list[str] | None, typer.Option(help="Text source(s) to calibrate: web, synthetic (default both).")
+    ] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
+) -> None:
+    """Pick the ITM threshold per text source that reaches a target precision on a labelled sample,
+    with bootstrap intervals; writes _calibration.json into the run for `capfilt rethreshold`."""
+    from capfilt.core import fs
+    from capfilt.core.layout import STAGES_DIR
+    from capfilt.eval.calibrate import SOURCES, calibrate_run
+
+    folder = fs.location(run)
+    if (folder / STAGES_DIR).is_dir():
+        folder = folder / "capfilt"
+    try:
+        result = calibrate_run(
+            folder, labels, target_precision, sources=source or SOURCES, resamples=resamples
+        )
+    except (ConfigError, ValueError) as err:
+        _fail(err)
+    _print_block(
+        "calibration", [c.line() for c in result.values()] + [f"written to {folder}/_calibration.json"]
+    )
+
+
+@app.command()
 def validate(
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe.")],
     check_paths: Annotated[
