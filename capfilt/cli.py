@@ -333,19 +333,41 @@ def capfilt_cmd(
     _print_block("capfilt summary", summary.lines())
 
 
-@app.command()
-def rethreshold(
+def _reselect(
     run: Annotated[Path, typer.Option(help="A run folder written by `capfilt capfilt`.")],
-    threshold: Annotated[float, typer.Option(help="Keep a text when its ITM p(match) >= this.")],
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Keep a text when its ITM p(match) >= this (default: as the run had it)."),
+    ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(help="Selection policy: threshold (BLIP), top_n or best (default: as the run had it)."),
+    ] = None,
+    top_n: Annotated[
+        int | None, typer.Option(help="With --select top_n: synthetic captions kept per image.")
+    ] = None,
+    calibrated: Annotated[
+        bool, typer.Option(help="Use the per-source thresholds `capfilt calibrate` wrote into the run.")
+    ] = False,
 ) -> None:
-    """Re-decide a CapFilt run at a new threshold from its candidates table; no model runs."""
+    """Re-decide a CapFilt run from its candidates table at a new threshold, selection policy or n; no model runs."""
     from capfilt.stages.capfilt.rethreshold import rethreshold as rethreshold_run
 
+    if threshold is None and select is None and top_n is None and not calibrated:
+        _fail(
+            ConfigError(
+                "give --threshold, --select, --top-n or --calibrated: with none there is nothing to change"
+            )
+        )
     try:
-        summary = rethreshold_run(run, threshold)
+        summary = rethreshold_run(run, threshold, select=select, top_n=top_n, calibrated=calibrated)
     except (ConfigError, ValueError, StageFailed) as err:
         _fail(err)
-    _print_block("rethreshold summary", summary.lines())
+    _print_block("reselect summary", summary.lines())
+
+
+app.command("reselect")(_reselect)
+app.command("rethreshold", help="Same as `reselect` (its older name).")(_reselect)
 
 
 @app.command()

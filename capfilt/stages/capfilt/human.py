@@ -128,6 +128,7 @@ def write_human_shard(out: Path, shard: HumanShard, cfg: CapFiltConfig) -> dict[
             "text_index": idx,
             "itm_score": pa.nulls(n, pa.float32()),
             "itc_score": pa.nulls(n, pa.float32()),
+            "rank": pa.nulls(n, pa.int32()),
             "decision": decision,
             "reason": reason,
             "round": pa.array([cfg.round] * n, pa.int32()),
