@@ -200,6 +200,15 @@ def _num(x: Any, digits: int = 2) -> str:
     return "-" if not _is_num(x) or not math.isfinite(float(x)) else f"{float(x):,.{digits}f}"
 
 
+def _rate(x: float) -> str:
+    """A rate to three significant figures at most (0.0111, 2.0, 312), thousands separated."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 1:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
 def _hours(x: float | None) -> str:
     if x is None:
         return "-"
@@ -358,7 +367,7 @@ def _headline(
                     sr.state,
                     _dur(sr.wall_s),
                     _pct(sr.wall_s / total if _is_num(sr.wall_s) and total else None, 0),
-                    "-" if rate is None else f"{_num(rate[0], 1)} {rate[1]}",
+                    "-" if rate is None else f"{_rate(rate[0])} {rate[1]}",
                     "-" if res is None else f"{res[0]:g} CPU, {res[1]:g} GPU",
                     _hours(sr.cpu_hours),
                     _hours(sr.gpu_hours),

@@ -195,7 +195,7 @@ def _card(im: AuditImage, thumbs: Thumbnails) -> str:
         im.rows, key=lambda r: (r["text_source"] != "web", r["text_source"], r.get("text_index") or 0)
     )
     return (
-        f'<div class="card" data-bin="{_e(bin_label(bin_of(im.web_score)))}" data-score="{im.web_score:.4f}">'
+        f'<div class="card" data-uid="{_e(im.uid)}" data-score="{im.web_score:.4f}">'
         f"{_pic(thumbs, im.uid)}<div>{''.join(_text_line(r) for r in rows)}</div></div>"
     )
 
@@ -210,7 +210,7 @@ def grids_html(cells: Mapping[str, list[tuple[int, int, list[AuditImage]]]], thu
             cards = "".join(_card(im, thumbs) for im in picked)
             body = cards or '<span class="note">none</span>'
             rows.append(
-                f'<div class="binrow"><div class="binhead">web ITM {_e(bin_label(b))}<br>'
+                f'<div class="binrow" data-bin="{_e(bin_label(b))}" data-count="{count}"><div class="binhead">web ITM {_e(bin_label(b))}<br>'
                 f'<span class="note">{count:,} image{"" if count == 1 else "s"}</span></div>'
                 f'<div class="cards">{body}</div></div>'
             )
@@ -238,7 +238,7 @@ def borderline_html(images: Sequence[AuditImage], thumbs: Thumbnails, threshold:
         truth = web.get("truth")
         mark = "" if truth is None else ("true" if truth else "false")
         body.append(
-            f'<tr data-score="{im.web_score:.4f}"><td>{_pic(thumbs, im.uid, "small")}</td>'
+            f'<tr data-uid="{_e(im.uid)}" data-score="{im.web_score:.4f}"><td>{_pic(thumbs, im.uid, "small")}</td>'
             f'<td class="num">{_e(f"{im.web_score:.3f}")}</td>'
             f'<td class="{"keep" if dec == "keep" else "drop"}">{_e(dec)}</td>'
             f'<td class="{_e(mark)}">{_e(mark)}</td><td>{_e(web.get("text"))}</td><td>{_e(instead)}</td></tr>'

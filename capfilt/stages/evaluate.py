@@ -106,7 +106,9 @@ def evaluate_run(run: Any, d: Path) -> dict[str, Any]:
     threshold = rec.section("capfilt").threshold
     if run.has("capfilt"):
         candidates = read_candidates(run.dir("capfilt"))
-        samples = read_samples(run.dir("download"), columns=["uid", "row", "url", "status", "reason", "image"])
+        samples = read_samples(
+            run.dir("download"), columns=["uid", "row", "url", "status", "reason", "image"]
+        )
         if world is not None:
             quality = evaluate_capfilt(candidates, samples, world, threshold=threshold)
             candidates = label_candidates(candidates, samples, world)
