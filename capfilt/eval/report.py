@@ -607,7 +607,7 @@ figcaption { color: #666; font-size: 0.85em; }
 .note { color: #777; font-style: italic; font-size: 0.9em; }
 .stages { display: flex; flex-wrap: wrap; gap: 1.2em; } details summary { cursor: pointer; color: #2456a4; }
 .binrow { display: flex; gap: 0.6em; border-top: 1px solid #eee; padding: 0.4em 0; }
-.binhead { flex: none; width: 8em; white-space: nowrap; font-size: 0.85em; font-weight: 600; }
+.binhead { flex: none; width: 6.5em; white-space: nowrap; font-size: 0.85em; font-weight: 600; }
 .cards { display: grid; grid-template-columns: repeat(4, minmax(0, 1fr)); gap: 0.5em; flex: 1; }
 .card { border: 1px solid #ccc; border-radius: 6px; padding: 0.4em; display: flex; gap: 0.5em; font-size: 0.8em; min-width: 0; }
 .card img, .card .noimg { width: 72px; height: 72px; object-fit: contain; image-rendering: pixelated; flex: none; }

@@ -170,7 +170,7 @@ def _pic(thumbs: Thumbnails, uid: str, cls: str = "") -> str:
     src = thumbs.src(uid)
     if src is None:
         return f'<div class="noimg {cls}">no image</div>'
-    return f'<img class="{cls}" src="{_e(src)}" alt="image {_e(uid)}" loading="lazy">'
+    return f'<img class="{cls}" src="{_e(src)}" alt="image {_e(uid)}">'
 
 
 def _text_line(r: Mapping[str, Any]) -> str:
@@ -210,7 +210,7 @@ def grids_html(cells: Mapping[str, list[tuple[int, int, list[AuditImage]]]], thu
             cards = "".join(_card(im, thumbs) for im in picked)
             body = cards or '<span class="note">none</span>'
             rows.append(
-                f'<div class="binrow" data-bin="{_e(bin_label(b))}" data-count="{count}"><div class="binhead">web ITM {_e(bin_label(b))}<br>'
+                f'<div class="binrow" data-bin="{_e(bin_label(b))}" data-count="{count}"><div class="binhead">web ITM<br>{_e(bin_label(b))}<br>'
                 f'<span class="note">{count:,} image{"" if count == 1 else "s"}</span></div>'
                 f'<div class="cards">{body}</div></div>'
             )
