@@ -239,7 +239,7 @@ def borderline_html(images: Sequence[AuditImage], thumbs: Thumbnails, threshold:
         mark = "" if truth is None else ("true" if truth else "false")
         body.append(
             f'<tr data-uid="{_e(im.uid)}" data-score="{im.web_score:.4f}"><td>{_pic(thumbs, im.uid, "small")}</td>'
-            f'<td class="num">{_e(f"{im.web_score:.3f}")}</td>'
+            f'<td class="num">{_e(f"{im.web_score:.4f}")}</td>'
             f'<td class="{"keep" if dec == "keep" else "drop"}">{_e(dec)}</td>'
             f'<td class="{_e(mark)}">{_e(mark)}</td><td>{_e(web.get("text"))}</td><td>{_e(instead)}</td></tr>'
         )
