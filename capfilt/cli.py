@@ -438,16 +438,58 @@ def status(
     run_dir: Annotated[
         Path, typer.Argument(help="A run folder of `capfilt run`, or one stage's output folder.")
     ],
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Redraw until the run is done or failed (Ctrl-C stops watching).")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between redraws with --watch.", min=0.1)] = 2.0,
 ) -> None:
-    """Summarise a run, finished or in progress: stages done, shards done, failures by reason."""
+    """Summarise a run, finished or in progress: stages done, shards done, failures by reason.
+    With --watch: redraw in place with images/s now and the ETA of each running stage."""
     from capfilt.pipeline.status import run_status
 
+    if watch:
+        _watch(run_dir, interval)
+        return
     try:
         st = run_status(run_dir)
     except ConfigError as err:
         _fail(err)
     for line in st.lines():
         typer.echo(line)
+
+
+def _watch(run_dir: Path, interval: float) -> None:
+    """Redraw the watcher's frame every ``interval`` seconds: cursor home, the frame with each line
+    cleared to its end, then clear below (on a terminal; one frame after another otherwise)."""
+    import shutil
+
+    from capfilt.pipeline.status import Watcher, run_over
+
+    watcher = Watcher(run_dir)
+    tty = sys.stdout.isatty()
+    interrupted = False
+    home = "\x1b[H\x1b[2J"  # the first frame clears the screen; later ones overwrite it
+    try:
+        while True:
+            try:
+                st = watcher.poll()
+            except ConfigError as err:
+                _fail(err)
+            frame = watcher.frame(interval)
+            if tty:  # a line wider than the terminal would wrap and shift the next redraw
+                width = shutil.get_terminal_size().columns
+                frame = [line[:width] for line in frame]
+                sys.stdout.write(home + "".join(f"{line}\x1b[K\n" for line in frame) + "\x1b[J")
+                sys.stdout.flush()
+                home = "\x1b[H"
+            else:
+                typer.echo("\n".join(frame) + "\n")
+            if run_over(st):
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        interrupted = True
+    typer.echo(watcher.final_line(interrupted))
 
 
 def entry() -> None:  # pragma: no cover - for `python -m capfilt`
