@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
 from capfilt.core.layout import CANDIDATES_DIR, CAPTIONS_DIR, CLEANED_DIR, MANIFEST, STATS_DIR, SUMMARY
@@ -42,11 +42,11 @@ def redecide(candidates: pa.Table, threshold: float) -> pa.Table:
     return t.set_column(t.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
 
 
-def rethreshold(run: str | Path, threshold: float) -> CapFiltSummary:
+def rethreshold(run_dir: str | Path | fs.RemotePath, threshold: float) -> CapFiltSummary:
     """Re-decide every scored text of a finished run at ``threshold`` and rewrite its cleaned
     shards, candidates and stats. Images come from the download shards the manifest names (they
     must still be there when images are included). Interrupted, it is safe to run again."""
-    run = Path(run)
+    run = fs.location(run_dir)
     t0 = time.time()
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--threshold must be in [0, 1], got {threshold}")
@@ -60,7 +60,7 @@ def rethreshold(run: str | Path, threshold: float) -> CapFiltSummary:
         raise ConfigError(f"{run} holds the output of stage {manifest.get('stage')!r}, not a CapFilt run")
     cfg = CapFiltConfig.model_validate(manifest["config"] | {"threshold": threshold})
     try:  # shard names become file names below: none may lead out of the run folder
-        inputs = {safe_component(k, "shard name"): Path(v) for k, v in manifest["inputs"].items()}
+        inputs = {safe_component(k, "shard name"): fs.location(v) for k, v in manifest["inputs"].items()}
     except ValueError as err:
         raise ConfigError(f"{path} is damaged: {err}") from err
     kept_folder = kept_dir(manifest.get("filter") is not None)
@@ -81,7 +81,7 @@ def rethreshold(run: str | Path, threshold: float) -> CapFiltSummary:
         old = read_json(stats_file)
         if old["threshold"] == threshold:
             continue
-        candidates = redecide(pq.read_table(candidates_file, schema=S.CANDIDATE), threshold)
+        candidates = redecide(fs.read_parquet(candidates_file, schema=S.CANDIDATE), threshold)
         kept = set(candidates.filter(pc.equal(candidates.column("decision"), KEEP)).column("uid").to_pylist())
         cleaned = cleaned_table(candidates, input_images(inputs[name], kept, cfg.images), cfg.images)
         write_parquet_atomic(candidates_file, candidates)
@@ -92,7 +92,8 @@ def rethreshold(run: str | Path, threshold: float) -> CapFiltSummary:
         )
         write_json_atomic(stats_file, stats)
         changed += 1
-    for human_stats in sorted((run / STATS_DIR).glob(f"{HUMAN_PREFIX}*.json")):
+    human_files: list[fs.Location] = [*(run / STATS_DIR).glob(f"{HUMAN_PREFIX}*.json")]
+    for human_stats in sorted(human_files, key=str):
         st = read_json(human_stats)
         if st["threshold"] != threshold:  # human pairs do not depend on it; keep the record consistent
             write_json_atomic(human_stats, st | {"threshold": threshold})
@@ -105,23 +106,23 @@ def rethreshold(run: str | Path, threshold: float) -> CapFiltSummary:
     return summary
 
 
-def _read_folder(folder: Path, schema: pa.Schema) -> pa.Table:
-    files = sorted(folder.glob("*.parquet"))
+def _read_folder(folder: fs.Location, schema: pa.Schema) -> pa.Table:
+    files: list[fs.Location] = sorted([*folder.glob("*.parquet")], key=str)
     if not files:
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+    return pa.concat_tables([fs.read_parquet(f, schema=schema) for f in files])
 
 
-def read_cleaned(run: str | Path) -> pa.Table:
+def read_cleaned(run: str | Path | fs.RemotePath) -> pa.Table:
     """Every cleaned row of a run (web shards a filter decided, then human pairs), in the CLEANED schema."""
-    return _read_folder(Path(run) / CLEANED_DIR, S.CLEANED)
+    return _read_folder(fs.location(run) / CLEANED_DIR, S.CLEANED)
 
 
-def read_captions(run: str | Path) -> pa.Table:
+def read_captions(run: str | Path | fs.RemotePath) -> pa.Table:
     """Every text a caption-only run (no filter) kept unscored, in the CLEANED schema."""
-    return _read_folder(Path(run) / CAPTIONS_DIR, S.CLEANED)
+    return _read_folder(fs.location(run) / CAPTIONS_DIR, S.CLEANED)
 
 
-def read_candidates(run: str | Path) -> pa.Table:
+def read_candidates(run: str | Path | fs.RemotePath) -> pa.Table:
     """Every candidate row of a run, in the CANDIDATE schema."""
-    return _read_folder(Path(run) / CANDIDATES_DIR, S.CANDIDATE)
+    return _read_folder(fs.location(run) / CANDIDATES_DIR, S.CANDIDATE)
