@@ -202,6 +202,21 @@ def _self_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _threads_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads, summed by thread name (Linux /proc)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One run of ``run_capfilt`` in this process (the driver), measured."""
     import ray
@@ -213,10 +228,12 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     ensure_ray(num_cpus=4)
     cfg = CapFiltConfig.model_validate(spec["cfg"])
+    threads0 = _threads_cpu()
     cpu0, tree0, t0 = _self_cpu(), _tree_cpu(), time.perf_counter()
     summary = run_capfilt(spec["data"], spec["out"], spec["captioner"], spec["filter"], cfg)
     wall = time.perf_counter() - t0
     cpu1, tree1 = _self_cpu(), _tree_cpu()
+    threads = {k: v - threads0.get(k, 0.0) for k, v in _threads_cpu().items()}
     ray.shutdown()
     assert summary.images == spec["images"] and summary.shards_written == spec["shards"], summary
     return {
@@ -226,6 +243,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "driver_cpu_s": cpu1 - cpu0,
         "stage_cpu_s": tree1 - tree0,
         "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # Where the driver's CPU went, by thread name (the busiest few).
+        "driver_threads_cpu_s": dict(sorted(threads.items(), key=lambda kv: -kv[1])[:6]),
     }
 
 
@@ -298,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "stage_cpu_s": round(stage, 1),
                 "driver_cpu_share": round(driver / stage, 4),
                 "driver_peak_rss_mib": round(_median(rs, "driver_peak_rss_mib"), 1),
-                "runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rs],
+                "runs": rs,
             }
         lo, hi = str(min(args.shards)), str(max(args.shards))
         figures[side] = {

@@ -14,6 +14,7 @@ from capfilt.core import schema as S
 from capfilt.stages.capfilt.config import CapFiltConfig
 from capfilt.stages.capfilt.pixels import preprocess_batch
 from capfilt.stages.capfilt.score import CANDIDATE_FIELDS, unscored_batch
+from capfilt.stages.capfilt.writer import write_parts
 
 # Chunks: one Ray row per model batch.
 #
@@ -110,6 +111,8 @@ def preprocess_chunks(batch: dict[str, Any], image_sizes: Sequence[int]) -> dict
     return map_chunks(batch, lambda images: preprocess_batch(images, image_sizes))
 
 
-def unscored_chunks(batch: dict[str, Any], cfg: CapFiltConfig) -> pa.Table:
-    """Ray task: candidate rows of each chunk without a filter (``unscored_batch``)."""
-    return candidates_of_chunks(batch, lambda images: unscored_batch(images, cfg))
+def unscored_chunks(batch: dict[str, Any], cfg: CapFiltConfig, out: str | None = None) -> pa.Table:
+    """Ray task: candidate rows of each chunk without a filter (``unscored_batch``); with ``out``,
+    written to part files there (``writer.write_parts``), their receipts returned."""
+    candidates = candidates_of_chunks(batch, lambda images: unscored_batch(images, cfg))
+    return candidates if out is None else write_parts(candidates, out)

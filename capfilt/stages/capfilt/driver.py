@@ -8,13 +8,13 @@ without Ray: ``caption.caption_batch`` (K synthetic captions per image) and ``sc
 (every text of every image scored with the filter's ITM head, ``[ENC]`` first, plus the ITC cosine).
 
 The pipeline: read shards (streaming) -> decode and resize on CPU tasks (``chunks``) ->
-``CaptionerActor`` pool -> ``FilterActor`` pool (``actors``) -> ``writer.write_parts`` tasks, which
-write each chunk's candidate rows to a part file under ``_parts/`` and return a receipt (shard,
-part, counts) -> this driver, which counts receipts per shard and, once a shard has every row,
-starts ``writer.write_web_shard`` as a Ray task: it merges the parts, reads the input shard's
-images of the kept rows, and writes the shard's outputs. Human shards are written by Ray tasks
-too (``human.write_human_shard``). The actors load their model from a path in ``__init__`` and
-only call the functions above.
+``CaptionerActor`` pool -> ``FilterActor`` pool (``actors``), whose last act on a chunk is
+``writer.write_parts``: the chunk's candidate rows go to a part file under ``_parts/`` and a
+receipt (shard, part, counts) comes back -> this driver, which counts receipts per shard and, once
+a shard has every row, starts ``writer.write_web_shard`` as a Ray task: it merges the parts, reads
+the input shard's images of the kept rows, and writes the shard's outputs. Human shards are
+written by Ray tasks too (``human.write_human_shard``). The actors load their model from a path
+in ``__init__`` and only call the functions above.
 
 Output layout of ``out``::
 
@@ -61,13 +61,12 @@ from capfilt.stages.capfilt.human import HumanShard, human_shards, write_human_s
 from capfilt.stages.capfilt.inputs import _input_files, _Plan, _plan
 from capfilt.stages.capfilt.models import ModelRef, resolve_model
 from capfilt.stages.capfilt.summary import CapFiltSummary, summarize
-from capfilt.stages.capfilt.writer import _RunIds, shard_done, write_parts, write_web_shard
+from capfilt.stages.capfilt.writer import _RunIds, shard_done, write_web_shard
 
 log = logging.getLogger(__name__)
 
 # The shard writer, a Ray task (a module attribute, so a test can stand another in).
 write_shard = write_web_shard
-PARTS_CPUS = 0.25  # a write_parts task writes one small Parquet file per model batch
 
 
 def _check_manifest(out: Location, manifest: dict[str, Any]) -> None:
@@ -105,9 +104,15 @@ def _gpus_per_actor(cfg: CapFiltConfig, actors: int) -> float:
 
 
 def _dataset(
-    plans: list[_Plan], captioner: ModelRef | None, filter: ModelRef | None, cfg: CapFiltConfig
+    plans: list[_Plan],
+    captioner: ModelRef | None,
+    filter: ModelRef | None,
+    cfg: CapFiltConfig,
+    out: str | None = None,
 ) -> Any:
-    """shards -> read (tasks) -> decode (tasks) -> captioner actors -> filter actors, one chunk per block."""
+    """shards -> read (tasks) -> decode (tasks) -> captioner actors -> filter actors, one chunk per
+    block. The rows out are candidates, or with ``out`` the receipts of their part files there
+    (the last step writes them: no Ray Data step of its own, no task per chunk more)."""
     import ray
 
     sizes = sorted({m.image_size for m in (captioner, filter) if m is not None})
@@ -137,14 +142,14 @@ def _dataset(
     if filter is not None:
         ds = ds.map_batches(
             FilterActor,
-            fn_constructor_kwargs={"ref": filter, "cfg": cfg},
+            fn_constructor_kwargs={"ref": filter, "cfg": cfg, "out": out},
             compute=ray.data.ActorPoolStrategy(size=cfg.filter_actors),
             batch_size=1,
             **resources,
         )
     else:
         ds = ds.map_batches(
-            unscored_chunks, fn_kwargs={"cfg": cfg}, batch_size=1, num_cpus=cfg.preprocess_cpus
+            unscored_chunks, fn_kwargs={"cfg": cfg, "out": out}, batch_size=1, num_cpus=cfg.preprocess_cpus
         )
     return ds
 
@@ -247,14 +252,7 @@ def _write_shards(
                 writers.start(write_web.remote(out, p, [], ids, cfg, t0), p.name)
         busy = {p.name: p for p in todo if p.images > 0}
         if busy:
-            ds = _dataset(list(busy.values()), captioner, filter, cfg)
-            ds = ds.map_batches(
-                write_parts,
-                fn_kwargs={"out": str(out)},
-                batch_format="pyarrow",
-                batch_size=None,
-                num_cpus=PARTS_CPUS,
-            )
+            ds = _dataset(list(busy.values()), captioner, filter, cfg, out=str(out))
             tally = {name: _Tally(cfg.k if captioner else 0) for name in busy}
             for receipts in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for receipt in receipts.to_pylist():
