@@ -248,19 +248,24 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _spawn(spec: dict[str, Any], code: Path) -> dict[str, Any]:
+def _start(spec: dict[str, Any], code: Path, log: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    with open(log, "w") as err:
+        return subprocess.Popen(
+            [sys.executable, __file__, "--child", json.dumps(spec)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+
+
+def _finish(proc: subprocess.Popen[str], code: Path, log: Path) -> dict[str, Any]:
+    stdout, _ = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"run failed ({code}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"run failed ({code}):\n{log.read_text()[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------------- the study
@@ -285,6 +290,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for rep in range(args.repeats):
             for s in args.shards:
+                results: dict[str, dict[str, Any]] = {}
+                running = []
                 for side, code in sides.items():
                     spec = {
                         "data": data[s],
@@ -294,11 +301,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "cfg": cfg,
                         **models,
                     }
-                    r = _spawn(spec, code)
+                    log = root / f"log-{side}-{s}-{rep}.txt"
+                    proc = _start(spec, code, log)
+                    if args.concurrent:
+                        running.append((side, code, log, proc))
+                    else:
+                        results[side] = _finish(proc, code, log)
+                for side, code, log, proc in running:
+                    results[side] = _finish(proc, code, log)
+                for side, code in sides.items():
+                    r = results[side]
                     assert Path(r["code"]) == code, f"{side} ran the code at {r['code']}"
                     runs.setdefault((side, s), []).append(r)
                     print(
-                        f"{side} {s} shards rep {rep}: {args.images / r['wall_s']:.0f} img/s, driver "
+                        f"{side} {s} shards rep {rep}: {args.images / r['wall_s']:.1f} img/s, driver "
                         f"{r['driver_cpu_s']:.1f} of {r['stage_cpu_s']:.1f} CPU-s, "
                         f"{r['driver_peak_rss_mib']:.0f} MiB",
                         flush=True,
@@ -340,6 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "capfilt": cfg,
             "ray": "local, num_cpus=4 (logical), 1 captioner + 1 filter actor at 0.5 CPU each",
             "machine": f"{os.cpu_count()} cores, shared with other jobs",
+            "old_and_new_side_by_side": args.concurrent,
             "old": f"commit {args.old_commit}: driver-side tally and writer (iter_batches of candidate rows)",
             "new": "receipts only; parts, shards and stats written by Ray tasks",
         },
@@ -373,6 +390,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--old-commit", default=OLD_COMMIT)
+    p.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run old and new side by side (a shared machine's load then hits both alike)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p
 
