@@ -52,6 +52,7 @@ from capfilt.core import fs
 from capfilt.core.errors import ConfigError, StageFailed
 from capfilt.core.fs import Location
 from capfilt.core.layout import MANIFEST, PARTS_DIR, SUMMARY
+from capfilt.core.logs import log_context
 from capfilt.core.shards import read_json, write_json_atomic
 from capfilt.stages.capfilt.actors import CaptionerActor, FilterActor
 from capfilt.stages.capfilt.chunks import preprocess_chunks, read_chunks, unscored_chunks
@@ -175,7 +176,8 @@ class _Tally:
 
 
 def _shard_written(name: str, stats: dict[str, Any]) -> None:
-    log.info("shard %s done: %d images, %d kept texts", name, stats.get("images", 0), stats["rows_out"])
+    with log_context(shard=name):
+        log.info("shard %s done: %d images, %d kept texts", name, stats.get("images", 0), stats["rows_out"])
 
 
 class _Writers:

@@ -1,8 +1,8 @@
 """Writing CapFilt's outputs in Ray workers: each chunk's candidate rows to a part file
-(``write_parts``, the last act of the filter actor, or of the unscored step), then each shard's outputs atomically from its parts and its
-input shard's images (``write_web_shard``, a Ray task): candidates, kept rows (cleaned/ or
-captions/), then its stats (last: they mark it done). The driver only sees the small receipts and
-stats these return."""
+(``write_parts``, the last act of the filter actor or of the unscored step), then each shard's
+outputs atomically from its parts and its input shard's images (``write_web_shard``, a Ray task):
+candidates, kept rows (cleaned/ or captions/), then its stats (last: they mark it done). The
+driver only sees the small receipts and stats these return."""
 
 from __future__ import annotations
 
@@ -152,9 +152,10 @@ def _undecodable(candidates: pa.Table) -> int:
 
 
 def write_parts(batch: pa.Table, out: str) -> pa.Table:
-    """In the filter actor (or the unscored step): each (shard, chunk) of the candidate rows in ``batch`` goes
-    to a part file of its own under ``out/_parts/<shard>/`` (a fresh name each time, so a retried
-    task never overwrites a part another receipt names); one receipt per part comes back."""
+    """In the filter actor (or the unscored step): each (shard, chunk) of the candidate rows in
+    ``batch`` goes to a part file of its own under ``out/_parts/<shard>/`` (a fresh name each
+    time, so a retried call never overwrites a part another receipt names); one receipt per part
+    comes back."""
     root = fs.location(out)
     rows: dict[str, list[Any]] = {name: [] for name in RECEIPT.names}
     keys = batch.select(["input_shard", "chunk"]).group_by(["input_shard", "chunk"]).aggregate([])
