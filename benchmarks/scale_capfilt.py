@@ -23,7 +23,12 @@ out with ``git worktree add`` and put first on PYTHONPATH. Measured in the subpr
 - images/s: images / wall time of ``run_capfilt``.
 
 Medians over the repeats. Goals: driver CPU < 5% of the stage's CPU, driver peak RSS at the most
-shards / at the fewest < 1.2, images/s not below the old implementation's.
+shards / at the fewest < 1.2, images/s not below the old implementation's. ``--concurrent`` runs
+old and new side by side, so that a shared machine's load hits both alike.
+
+Recorded in scale.json (12-03, a 2-core machine shared with four other jobs, load 30-60):
+``--images 6400 --shards 100 400 --repeats 1 --batch-size 64 --max-length 12 --concurrent``;
+50k images would have taken hours at the 20-30 img/s this machine gave then.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import capfilt.core.fs as fs_mod
 import capfilt.core.shards as shards_mod
 import capfilt.stages.capfilt.driver as C
 import capfilt.stages.download.driver as D
@@ -231,7 +232,8 @@ def test_a_crash_between_temp_write_and_rename_leaves_nothing_a_rerun_trusts(
     out = tmp_path / "download"
     inp = _shard_input(urls, tmp_path, 1)
     shim = OsFailingReplace(crash_at)
-    monkeypatch.setattr(shards_mod, "os", shim)
+    monkeypatch.setattr(shards_mod, "os", shim)  # Parquet shards
+    monkeypatch.setattr(fs_mod, "os", shim)  # stats files (core.fs.write_atomic)
     with pytest.raises(OSError, match="injected crash"):
         download_shard(1, str(inp), str(out), DL.model_dump_json())
     monkeypatch.undo()
