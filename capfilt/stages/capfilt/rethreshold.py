@@ -9,9 +9,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
 from capfilt.core.layout import (
@@ -28,7 +28,7 @@ from capfilt.stages.capfilt.config import STAGE, CapFiltConfig
 from capfilt.stages.capfilt.decisions import KEEP, kept_dir, shard_paths
 from capfilt.stages.capfilt.human import HUMAN_PREFIX
 from capfilt.stages.capfilt.inputs import input_images
-from capfilt.stages.capfilt.select import select_table
+from capfilt.stages.capfilt.select import SELECTION_FIELDS, select_table, selection_record
 from capfilt.stages.capfilt.summary import CapFiltSummary, summarize
 from capfilt.stages.capfilt.writer import cleaned_table, shard_done, shard_stats
 
@@ -43,11 +43,8 @@ def redecide(candidates: pa.Table, cfg: CapFiltConfig) -> pa.Table:
     )
 
 
-SELECTION = ("threshold", "thresholds", "select", "top_n")
-
-
 def rethreshold(
-    run: str | Path,
+    run_dir: str | Path | fs.RemotePath,
     threshold: float | None = None,
     *,
     select: str | None = None,
@@ -60,7 +57,7 @@ def rethreshold(
     Whatever is not given stays as the run had it; ``calibrated`` takes the per-source thresholds
     ``capfilt calibrate`` wrote into the run. Images come from the download shards the manifest
     names (they must still be there when images are included). Interrupted, it is safe to run again."""
-    run = Path(run)
+    run = fs.location(run_dir)
     t0 = time.time()
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--threshold must be in [0, 1], got {threshold}")
@@ -91,9 +88,9 @@ def rethreshold(
         cfg = CapFiltConfig.model_validate(manifest["config"] | change)
     except ValidationError as err:
         raise ConfigError(f"cannot reselect with {change}: {err}") from err
-    selection = {k: getattr(cfg, k) for k in SELECTION}
+    selection = {k: getattr(cfg, k) for k in SELECTION_FIELDS}
     try:  # shard names become file names below: none may lead out of the run folder
-        inputs = {safe_component(k, "shard name"): Path(v) for k, v in manifest["inputs"].items()}
+        inputs = {safe_component(k, "shard name"): fs.location(v) for k, v in manifest["inputs"].items()}
     except ValueError as err:
         raise ConfigError(f"{path} is damaged: {err}") from err
     kept_folder = kept_dir(manifest.get("filter") is not None)
@@ -112,9 +109,9 @@ def rethreshold(
     for name in web:
         candidates_file, kept_file, stats_file = shard_paths(run, name, kept_folder)
         old = read_json(stats_file)
-        if old.get("selection", {"threshold": old["threshold"]}) == _stats_selection(cfg):
+        if old.get("selection", {"threshold": old["threshold"]}) == selection_record(cfg):
             continue
-        candidates = redecide(pq.read_table(candidates_file, schema=S.CANDIDATE), cfg)
+        candidates = redecide(fs.read_parquet(candidates_file, schema=S.CANDIDATE), cfg)
         kept = set(candidates.filter(pc.equal(candidates.column("decision"), KEEP)).column("uid").to_pylist())
         cleaned = cleaned_table(candidates, input_images(inputs[name], kept, cfg.images), cfg.images)
         write_parquet_atomic(candidates_file, candidates)
@@ -125,12 +122,13 @@ def rethreshold(
             "web",
             candidates,
             cleaned.num_rows,
-            {k: old[k] for k in keep_keys} | {"selection": _stats_selection(cfg)},
+            {k: old[k] for k in keep_keys} | {"selection": selection_record(cfg)},
             cfg.threshold,
         )
         write_json_atomic(stats_file, stats)
         changed += 1
-    for human_stats in sorted((run / STATS_DIR).glob(f"{HUMAN_PREFIX}*.json")):
+    human_files: list[fs.Location] = [*(run / STATS_DIR).glob(f"{HUMAN_PREFIX}*.json")]
+    for human_stats in sorted(human_files, key=str):
         st = read_json(human_stats)
         if st["threshold"] != cfg.threshold:  # human pairs do not depend on it; keep the record consistent
             write_json_atomic(human_stats, st | {"threshold": cfg.threshold})
@@ -143,30 +141,23 @@ def rethreshold(
     return summary
 
 
-def _stats_selection(cfg: CapFiltConfig) -> dict[str, Any]:
-    """What a shard's decisions were made with, as its stats file records it."""
-    if cfg.select == "threshold" and not cfg.thresholds:
-        return {"threshold": cfg.threshold}  # BLIP's rule: as stats files without a selection say
-    return {k: getattr(cfg, k) for k in SELECTION}
-
-
-def _read_folder(folder: Path, schema: pa.Schema) -> pa.Table:
-    files = sorted(folder.glob("*.parquet"))
+def _read_folder(folder: fs.Location, schema: pa.Schema) -> pa.Table:
+    files: list[fs.Location] = sorted([*folder.glob("*.parquet")], key=str)
     if not files:
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+    return pa.concat_tables([fs.read_parquet(f, schema=schema) for f in files])
 
 
-def read_cleaned(run: str | Path) -> pa.Table:
+def read_cleaned(run: str | Path | fs.RemotePath) -> pa.Table:
     """Every cleaned row of a run (web shards a filter decided, then human pairs), in the CLEANED schema."""
-    return _read_folder(Path(run) / CLEANED_DIR, S.CLEANED)
+    return _read_folder(fs.location(run) / CLEANED_DIR, S.CLEANED)
 
 
-def read_captions(run: str | Path) -> pa.Table:
+def read_captions(run: str | Path | fs.RemotePath) -> pa.Table:
     """Every text a caption-only run (no filter) kept unscored, in the CLEANED schema."""
-    return _read_folder(Path(run) / CAPTIONS_DIR, S.CLEANED)
+    return _read_folder(fs.location(run) / CAPTIONS_DIR, S.CLEANED)
 
 
-def read_candidates(run: str | Path) -> pa.Table:
+def read_candidates(run: str | Path | fs.RemotePath) -> pa.Table:
     """Every candidate row of a run, in the CANDIDATE schema."""
-    return _read_folder(Path(run) / CANDIDATES_DIR, S.CANDIDATE)
+    return _read_folder(fs.location(run) / CANDIDATES_DIR, S.CANDIDATE)

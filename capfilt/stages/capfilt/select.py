@@ -115,3 +115,14 @@ def select_table(
     if "rank" in out.column_names:
         return out.set_column(out.schema.get_field_index("rank"), "rank", ranks)
     return out.append_column("rank", ranks)
+
+
+SELECTION_FIELDS = ("threshold", "thresholds", "select", "top_n")
+
+
+def selection_record(cfg: Any) -> dict[str, Any]:
+    """What a shard's decisions were made with, as its stats file records it (``selection``): BLIP's
+    rule is just its threshold; any other selection names every field."""
+    if cfg.select == "threshold" and not cfg.thresholds:
+        return {"threshold": cfg.threshold}
+    return {k: getattr(cfg, k) for k in SELECTION_FIELDS}
