@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--extra-images", type=int, default=8, help="images for the share / attention / compile runs"
     )
     ap.add_argument("--extra-repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="images each side runs before timing")
     ap.add_argument("--variants", action="store_true", help="also time eager attention on the whole path")
     ap.add_argument(
         "--compile", action="store_true", help="also time torch.compile of the ViT (with --variants)"
@@ -462,8 +463,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "capfilt": capfilt_side(cap_dir, filt_dir, cfg),
         "transformers": transformers_side(cap_dir, filt_dir, tok, args.max_length),
     }
-    # warm-up: one small batch each (first-call allocations, lazy imports)
-    warm = make_batches(1, 1, shape.image_size, seed=1)
+    # warm-up: first-call allocations and lazy imports (seconds, against minutes per repeat at base size)
+    warm = make_batches(args.warmup, 1, shape.image_size, seed=1) if args.warmup else []
     for run in sides.values():
         run(warm)
     times: dict[str, list[float]] = {k: [] for k in sides}

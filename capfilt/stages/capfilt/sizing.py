@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capfilt.core.errors import ConfigError
@@ -19,6 +20,7 @@ from capfilt.stages.capfilt.config import CapFiltConfig
 
 if TYPE_CHECKING:
     from capfilt.model.config import MedConfig
+    from capfilt.stages.capfilt.models import ModelRef
 
 __all__ = [
     "MAX_ACTORS_PER_GPU",
@@ -27,6 +29,7 @@ __all__ = [
     "activation_bytes",
     "auto_batch",
     "gpu_free_bytes",
+    "size_for_cluster",
     "param_count",
     "sized",
 ]
@@ -179,3 +182,28 @@ def gpu_free_bytes() -> int | None:
     if not torch.cuda.is_available():
         return None
     return min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+
+
+def size_for_cluster(
+    cfg: CapFiltConfig, captioner: ModelRef | None, filter: ModelRef | None
+) -> CapFiltConfig:
+    """``sized`` for the connected Ray cluster: its GPU count, and the free memory one GPU task
+    reports. A CPU cluster gets ``cfg`` back without a task. Call it in the driver once Ray is up,
+    before the chunks are cut (they are ``batch_size`` images)."""
+    import ray
+
+    from capfilt.model.tokenizer import TokenIds, load_tokenizer
+    from capfilt.stages.capfilt.models import _read_med_config
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus < 1:
+        return cfg
+    free = ray.get(ray.remote(num_gpus=1)(gpu_free_bytes).remote())
+
+    def config(ref: ModelRef | None) -> MedConfig | None:
+        if ref is None:
+            return None
+        ids = TokenIds.from_tokenizer(load_tokenizer(ref.tokenizer))
+        return _read_med_config(Path(ref.path), ref.arch, ids)
+
+    return sized(cfg, config(captioner), config(filter), free, gpus)
