@@ -34,7 +34,9 @@ def test_gpu_script_runs_on_cpu_tiny_and_writes_sane_numbers(tmp_path):
             assert r[side]["images_per_s"] > 0 and math.isfinite(r[side]["images_per_s"])
             assert r[side]["peak_memory_bytes"] is None
         assert r["speedup"] == pytest.approx(r["capfilt"]["images_per_s"] / r["transformers"]["images_per_s"])
-        assert r["capfilt_tflops"] == pytest.approx(r["capfilt_gflop_per_image"] * r["capfilt"]["images_per_s"] / 1e3)
+        assert r["capfilt_tflops"] == pytest.approx(
+            r["capfilt_gflop_per_image"] * r["capfilt"]["images_per_s"] / 1e3
+        )
         assert r["fraction_of_peak"] is None
     k1, k3 = data["runs"]
     assert k3["transformers_gflop_per_image"] > k1["transformers_gflop_per_image"]

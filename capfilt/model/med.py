@@ -290,7 +290,8 @@ class Med(nn.Module):
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """p(match) = softmax(ITM logits)[:, 1], shape [B]. CapFilt's filter keeps a text when it is >= 0.5."""
-        return self.itm_logits(image_embeds, input_ids, attention_mask).softmax(dim=-1)[:, 1]
+        # float32 softmax: a bf16 probability has 3 significant digits, too coarse near the threshold
+        return self.itm_logits(image_embeds, input_ids, attention_mask).float().softmax(dim=-1)[:, 1]
 
     # ------------------------------------------------------------------------------------- LM
 

@@ -152,8 +152,8 @@ def score_batch(
             which = torch.tensor(
                 [image_of[i] for i, _, _ in to_score], device=device
             )  # [N] image of each pair
-            image_feat = filter.image_feat(embeds).index_select(0, which)  # [N, E]
-            itc = (image_feat * filter.text_feat(ids, mask)).sum(dim=-1)  # [N]
+            image_feat = filter.image_feat(embeds).index_select(0, which).float()  # [N, E]
+            itc = (image_feat * filter.text_feat(ids, mask).float()).sum(dim=-1)  # [N], summed in float32
         for (_, _, r), p, c in zip(
             to_score, itm.float().cpu().tolist(), itc.float().cpu().tolist(), strict=True
         ):
