@@ -35,6 +35,7 @@ from transformers import (
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from capfilt.model.attention import Attention, set_attention
 from capfilt.model.config import MedConfig
 from capfilt.model.generation import Decoding
 
@@ -159,6 +160,7 @@ class Med(nn.Module):
         self.text_encoder = BlipTextModel(text_cfg, add_pooling_layer=False)
         self.text_decoder = BlipTextLMHeadModel(text_cfg)
         self._share_decoder_with_encoder()
+        set_attention(self, "eager")  # capfilt's attention classes: SDPA and shared image keys on demand
 
         self.vision_proj = nn.Linear(config.vision.hidden_size, config.embed_dim)
         self.text_proj = nn.Linear(config.text.hidden_size, config.embed_dim)
@@ -177,6 +179,11 @@ class Med(nn.Module):
             dec_layer.output = enc_layer.output
         # The LM head's output matrix is the word embedding (BERT tying), now the shared one.
         self.text_decoder.cls.predictions.decoder.weight = enc.embeddings.word_embeddings.weight
+
+    def set_attention(self, impl: Attention) -> None:
+        """The attention kernel of every block: ``"eager"`` (transformers' BLIP code, the default)
+        or ``"sdpa"`` (PyTorch's fused attention; attention maps are then not returned)."""
+        set_attention(self, impl)
 
     # ----------------------------------------------------------------------------- capabilities
 
@@ -253,10 +260,14 @@ class Med(nn.Module):
     def encode_multimodal(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Image-grounded text encoder: the first token is replaced by [ENC]; [B, L] x [B, 1+P, Dv] -> [B, L, Dt]."""
-        if image_embeds.shape[0] != input_ids.shape[0]:
+        """Image-grounded text encoder: the first token is replaced by [ENC]; [B*R, L] x [B, 1+P, Dv] -> [B*R, L, Dt].
+
+        Texts ``b*R .. b*R+R-1`` are paired with image b (R = 1: text i with image i); the image's
+        cross-attention keys and values are computed once for its R texts."""
+        if image_embeds.shape[0] == 0 or input_ids.shape[0] % image_embeds.shape[0]:
             raise ValueError(
-                f"ITM pairs image i with text i: got {image_embeds.shape[0]} images, {input_ids.shape[0]} texts"
+                f"ITM pairs each image with R adjacent texts: got {image_embeds.shape[0]} images, "
+                f"{input_ids.shape[0]} texts"
             )
         input_ids = input_ids.clone()
         input_ids[:, 0] = self.config.text.enc_token_id
@@ -270,7 +281,7 @@ class Med(nn.Module):
     def itm_logits(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """ITM logits [B, 2] (column 1 = match) for the pairs (image i, text i)."""
+        """ITM logits [B*R, 2] (column 1 = match) for the pairs (image b, text b*R + j); R = 1 pairs image i with text i."""
         self.require("itm")
         hidden = self.encode_multimodal(image_embeds, input_ids, attention_mask)  # [B, L, Dt]
         return self.itm_head(hidden[:, 0, :])
@@ -279,7 +290,8 @@ class Med(nn.Module):
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """p(match) = softmax(ITM logits)[:, 1], shape [B]. CapFilt's filter keeps a text when it is >= 0.5."""
-        return self.itm_logits(image_embeds, input_ids, attention_mask).softmax(dim=-1)[:, 1]
+        # float32 softmax: a bf16 probability has 3 significant digits, too coarse near the threshold
+        return self.itm_logits(image_embeds, input_ids, attention_mask).float().softmax(dim=-1)[:, 1]
 
     # ------------------------------------------------------------------------------------- LM
 

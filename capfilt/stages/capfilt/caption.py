@@ -118,8 +118,7 @@ def _generate(
     if not cfg.sample:
         return captioner.generate_from_embeds(image_embeds, prompt_ids if prompt else None, dec)
     t = captioner.config.text
-    embeds = image_embeds.repeat_interleave(cfg.k, dim=0)  # [B*k, 1+P, Dv]
-    rows = embeds.shape[0]
+    rows = image_embeds.shape[0] * cfg.k
     start = torch.full((rows, 1 + len(prompt)), t.dec_token_id, dtype=torch.long, device=device)
     start[:, 1:] = prompt_ids  # [B*k, 1+Lp]: [DEC] + prompt
     if start.shape[1] >= cfg.max_length:
@@ -132,7 +131,9 @@ def _generate(
     return captioner.text_decoder.generate(
         input_ids=start,
         attention_mask=torch.ones_like(start),
-        encoder_hidden_states=embeds,
+        # [B, 1+P, Dv], not repeated k times: the k rows of an image share its cross-attention
+        # keys/values (capfilt.model.attention), computed at the first step and cached for the rest
+        encoder_hidden_states=image_embeds,
         generation_config=dec.generation_config(t, own_sampler=True),  # greedy takes the sampler's pick
         logits_processor=LogitsProcessorList([sampler]),
     )

@@ -41,9 +41,14 @@ class CapFiltConfig(BaseModel):
     images: Literal["include", "reference"] = "include"
     round: int = Field(1, ge=0)
     human_shard_size: int = Field(10_000, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Execution: none of these changes a single output row.
-    batch_size: int = Field(32, ge=1)  # images per model call, both models
+    # "auto": bfloat16 on a GPU that has it (else float16), float32 on CPU (models.inference_dtype)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Execution: none of these changes a single output row (beyond the last float bits).
+    # Images per model call, both models. Left unset, a GPU run sizes it (and the actor counts,
+    # where those are unset too) from GPU memory: sizing.auto_batch; 32 is the CPU value.
+    batch_size: int = Field(32, ge=1)
+    attention: Literal["sdpa", "eager"] = "sdpa"  # PyTorch's fused kernel, or transformers' BLIP code
+    compile: bool = False  # torch.compile the ViT of both models (benchmarks/realsize.py measures it)
     captioner_actors: int = Field(1, ge=1)
     filter_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)  # fractional, so a 2-core machine keeps CPUs for reading
@@ -76,6 +81,8 @@ class CapFiltConfig(BaseModel):
         """The fields that decide what the output rows are; a resumed run must match them."""
         execution = {
             "batch_size",
+            "attention",
+            "compile",
             "captioner_actors",
             "filter_actors",
             "cpus_per_actor",

@@ -12,11 +12,13 @@ from capfilt.model.checkpoint import model_id
 from capfilt.stages.capfilt.config import CapFiltConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from capfilt.model.config import MedConfig
     from capfilt.model.med import Med
     from capfilt.model.tokenizer import TokenIds
 
-__all__ = ["ModelRef", "load_model", "model_id", "resolve_model"]
+__all__ = ["ModelRef", "inference_dtype", "load_model", "model_id", "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,23 @@ def resolve_model(
     )
 
 
-def load_model(ref: ModelRef, role: Literal["captioner", "filter"], cfg: CapFiltConfig) -> Med:
-    """Load a checkpoint for inference on the worker's device, in ``cfg.dtype``, in eval mode."""
+def inference_dtype(name: str, device: str) -> torch.dtype:
+    """The dtype of ``cfg.dtype`` on ``device``: "auto" is bfloat16 on a GPU that supports it,
+    float16 on an older GPU, float32 on CPU."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)  # type: ignore[no-any-return]
+    if device != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_model(
+    ref: ModelRef, role: Literal["captioner", "filter"], cfg: CapFiltConfig, device: str | None = None
+) -> Med:
+    """Load a checkpoint for inference on ``device`` (the worker's GPU if it has one), in
+    ``cfg.dtype`` with ``cfg.attention``, ViT compiled when ``cfg.compile``, in eval mode."""
     import torch
 
     from capfilt.model.checkpoint import checkpoint_format, load_checkpoint
@@ -85,5 +102,13 @@ def load_model(ref: ModelRef, role: Literal["captioner", "filter"], cfg: CapFilt
         ids = TokenIds.from_tokenizer(load_tokenizer(ref.tokenizer))
     med = load_checkpoint(ref.path, ref.arch, token_ids=ids)
     med.require(*(("lm",) if role == "captioner" else ("itm", "itc")))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return med.to(device=device, dtype=getattr(torch, cfg.dtype)).eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = inference_dtype(cfg.dtype, device)
+    med.set_attention(cfg.attention)
+    med = med.to(device=device, dtype=dtype).eval()
+    if cfg.compile:
+        # The ViT is most of the FLOPs and has fixed shapes (one recompile for a shard's short last
+        # chunk); generate's per-step shapes would recompile the text side at every length.
+        med.vision_model.compile(dynamic=False)
+    log.info("%s %s on %s in %s, %s attention", role, ref.model_id, device, dtype, cfg.attention)
+    return med

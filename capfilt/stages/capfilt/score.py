@@ -98,6 +98,26 @@ def unscored_batch(batch: dict[str, Any], cfg: CapFiltConfig) -> pa.Table:
     return _as_table(cols)
 
 
+def _layout(to_score: list[tuple[int, str, int]]) -> tuple[list[int], list[int], list[int]]:
+    """Pairs laid out R per image for the shared image keys: (the images, in order; the pair in
+    each of the B*R slots; the slot of each pair). R is the most pairs any image has; an image
+    with fewer repeats its first pair in its spare slots."""
+    images = sorted({i for i, _, _ in to_score})
+    pairs_of: dict[int, list[int]] = {i: [] for i in images}
+    for p, (i, _, _) in enumerate(to_score):
+        pairs_of[i].append(p)
+    r = max(len(ps) for ps in pairs_of.values())
+    slots: list[int] = []
+    slot_of = [0] * len(to_score)
+    for b, i in enumerate(images):
+        ps = pairs_of[i]
+        for j in range(r):
+            if j < len(ps):
+                slot_of[ps[j]] = b * r + j
+            slots.append(ps[j] if j < len(ps) else ps[0])
+    return images, slots, slot_of
+
+
 def score_batch(
     filter: Med, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Any], cfg: CapFiltConfig
 ) -> pa.Table:
@@ -106,8 +126,9 @@ def score_batch(
     cosine; null where a text was not scored (empty text, undecodable image). Returns an Arrow
     table: the CANDIDATE columns a batch decides, plus ``row`` when given.
 
-    Each image is encoded once; its embeddings are repeated for its texts, and all pairs of the
-    batch go through the image-grounded encoder in one call."""
+    Each image is encoded once for all of its texts: one ViT pass, and one set of cross-attention
+    keys/values in the image-grounded encoder for all its texts (``_layout``); all pairs of the
+    batch go through that encoder in one call."""
     import torch
 
     from capfilt.model.tokenizer import tokenize
@@ -117,8 +138,8 @@ def score_batch(
         filter.eval()
         device, dtype = device_dtype(filter)
         size = filter.config.vision.image_size
-        images = sorted({i for i, _, _ in to_score})
-        slot = {i: j for j, i in enumerate(images)}
+        images, slots, slot_of = _layout(to_score)
+        image_of = {i: b for b, i in enumerate(images)}
         max_len = min(cfg.max_text_tokens, filter.config.text.max_position_embeddings)
         tokens = tokenize(tokenizer, [text for _, text, _ in to_score], max_len)
         with torch.inference_mode():
@@ -126,12 +147,16 @@ def score_batch(
                 np.asarray(batch[pixel_column(size)])[images], device, dtype
             )  # [B, 3, S, S]
             embeds = filter.encode_image(pixels)  # [B, 1+P, Dv], once per image
-            image_feat = filter.image_feat(embeds)  # [B, E]
-            which = torch.tensor([slot[i] for i, _, _ in to_score], device=device)  # [N] image of each pair
-            ids = tokens["input_ids"].to(device)  # [N, L]
+            ids = tokens["input_ids"].to(device)  # [N, L], one row per pair
             mask = tokens["attention_mask"].to(device)  # [N, L]
-            itm = filter.itm_prob(embeds.index_select(0, which), ids, mask)  # [N]
-            itc = (image_feat.index_select(0, which) * filter.text_feat(ids, mask)).sum(dim=-1)  # [N]
+            at = torch.tensor(slots, device=device)  # [B*R] the pair in each slot
+            itm_slots = filter.itm_prob(embeds, ids.index_select(0, at), mask.index_select(0, at))  # [B*R]
+            itm = itm_slots.index_select(0, torch.tensor(slot_of, device=device))  # [N]
+            which = torch.tensor(
+                [image_of[i] for i, _, _ in to_score], device=device
+            )  # [N] image of each pair
+            image_feat = filter.image_feat(embeds).index_select(0, which).float()  # [N, E]
+            itc = (image_feat * filter.text_feat(ids, mask).float()).sum(dim=-1)  # [N], summed in float32
         for (_, _, r), p, c in zip(
             to_score, itm.float().cpu().tolist(), itc.float().cpu().tolist(), strict=True
         ):
