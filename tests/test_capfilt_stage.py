@@ -336,7 +336,7 @@ def test_rerun_skips_finished_shards_and_changes_nothing(downloaded, models, ful
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.parquet")} == before
     with pytest.raises(ConfigError, match="differs in"):
         run_capfilt(downloaded, out, models["captioner"], models["filter"], CFG.model_copy(update={"k": 3}))
-    with pytest.raises(ConfigError, match="rethreshold"):
+    with pytest.raises(ConfigError, match="capfilt reselect"):
         run_capfilt(
             downloaded,
             out,
@@ -557,9 +557,57 @@ def test_rethreshold_redecides_without_models(full_run, tmp_path):
     # Back to the run's own threshold, from the command line: the very same rows as the run wrote.
     result = CliRunner().invoke(app, ["rethreshold", "--run", str(run), "--threshold", str(CFG.threshold)])
     assert result.exit_code == 0, result.output
-    assert "rethreshold summary" in result.output
+    assert "reselect summary" in result.output
     assert _rows(read_cleaned(run)) == _rows(read_cleaned(out))
     assert _rows(read_candidates(run)) == _rows(read_candidates(out))
+
+
+def test_reselect_best_top_n_and_calibrated_thresholds(full_run, downloaded, small_world, tmp_path):
+    """The policies over a real run's K=2 captions, from its candidates alone; then thresholds
+    calibrated on labels (the world's truth for a sample of rows) reach the run and its stats."""
+    from capfilt.eval.calibrate import calibrate_run
+    from capfilt.eval.quality import label_candidates
+    from capfilt.world import load_world
+
+    out, _ = full_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    rethreshold(run, 0.0, select="best")  # every scored text passes: exactly one per image is kept
+    cands = read_candidates(run)
+    scored = cands.filter(pc.is_valid(cands.column("itm_score")))
+    kept = scored.filter(pc.equal(scored.column("decision"), "keep"))
+    assert kept.num_rows == len(set(scored.column("uid").to_pylist()))
+    best = {}
+    for r in scored.to_pylist():
+        best[r["uid"]] = max(best.get(r["uid"], -1.0), r["itm_score"])
+    assert all(r["itm_score"] == best[r["uid"]] for r in kept.to_pylist())
+    rethreshold(run, select="top_n", top_n=1)  # web text kept if >= 0, plus the best caption
+    cands = read_candidates(run)
+    syn = cands.filter(
+        pc.and_(pc.equal(cands.column("text_source"), "synthetic"), pc.is_valid(cands.column("itm_score")))
+    )
+    assert sorted(set(syn.column("rank").to_pylist())) == [0, 1]
+    kept_syn = syn.filter(pc.equal(syn.column("decision"), "keep"))
+    assert set(kept_syn.column("rank").to_pylist()) == {0}
+
+    labelled = label_candidates(cands, read_samples(downloaded), load_world(small_world))
+    web = labelled.filter(
+        pc.and_(pc.equal(labelled.column("text_source"), "web"), pc.is_valid(labelled.column("truth")))
+    )
+    labels = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"text_uid": web.column("text_uid"), "correct": web.column("truth")}), labels)
+    cal = calibrate_run(run, labels, 0.6, sources=["web"], resamples=100)
+    assert "web" in cal
+    rethreshold(run, select="threshold", calibrated=True)
+    manifest = json.loads((run / "_manifest.json").read_text())
+    assert manifest["config"]["thresholds"] == (
+        {"web": cal["web"].threshold} if cal["web"].threshold is not None else {}
+    )
+    stats = json.loads(next((run / STATS_DIR).glob("0*.json")).read_text())
+    assert (
+        stats["selection"]["select"] == "threshold"
+        and stats["selection"]["thresholds"] == manifest["config"]["thresholds"]
+    )
 
 
 # ------------------------------------------------------------------ outputs that mean one thing

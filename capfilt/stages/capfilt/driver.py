@@ -62,6 +62,7 @@ from capfilt.stages.capfilt.human import HumanShard, human_shards, write_human_s
 from capfilt.stages.capfilt.inputs import _input_files, _Plan, _plan
 from capfilt.stages.capfilt.models import ModelRef, resolve_model
 from capfilt.stages.capfilt.select import SELECTION_FIELDS
+from capfilt.stages.capfilt.sizing import size_for_cluster
 from capfilt.stages.capfilt.summary import CapFiltSummary, summarize
 from capfilt.stages.capfilt.writer import _RunIds, shard_done, write_web_shard
 
@@ -355,6 +356,8 @@ def run_capfilt(
     written = 0
     if todo or humans_todo:
         ensure_ray(ray_address)
+        # Batch size and actors per GPU from its free memory, where the recipe left them unset.
+        cfg = size_for_cluster(cfg, cap_ref, filt_ref)
         written = _write_shards(out_dir, todo, humans_todo, cap_ref, filt_ref, ids, cfg, t0)
 
     summary = summarize(out_dir, cfg.threshold, len(plans) + len(humans))
