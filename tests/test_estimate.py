@@ -266,7 +266,9 @@ def test_pilot_of_two_shards_prices_the_full_run_of_eight(
     est = Estimate(**est_json)
     measured = run_full(load_recipe(recipe), est, tmp_path / "full")
     assert measured["shards"] == 8
-    _check_consistent(compare(est.projection, measured))
+    ratios = compare(est.projection, measured)
+    print("RATIOS", json.dumps(ratios), json.dumps(est.projection), json.dumps(measured), json.dumps(est.measured))
+    _check_consistent(ratios)
 
 
 def test_estimate_refuses_a_pilot_in_the_run_folder(tmp_path: Path) -> None:

@@ -277,16 +277,24 @@ class CapFiltMeasure:
     images_mode: str  # the recipe's
 
     def rate_and_startup(self) -> tuple[float, float, list[str]]:
-        """(images/s, start-up s) from the probe and the pilot runs."""
+        """(images/s, start-up s): the per-image time from the probe and the pilot runs, the
+        start-up as what of the pilot's own time that does not explain (anchored on the pilot, the
+        run the projection extends)."""
         di, dt = self.images - self.probe_images, self.wall_s - self.probe_wall_s
-        if di > 0 and dt > 0:
-            rate = di / dt
-            return rate, max(0.0, self.probe_wall_s - self.probe_images / rate), []
-        note = (
-            "capfilt: the pilot was no slower than the one-batch probe, so start-up and per-image "
-            "time could not be told apart; all of the pilot's time is priced per image (an upper bound)"
-        )
-        return (self.images / self.wall_s if self.wall_s > 0 else 0.0), 0.0, [note]
+        notes = []
+        if di <= 0 or dt <= 0:
+            notes.append(
+                "capfilt: the pilot was no slower than its one-batch probe (start-up dominates, or the "
+                "machine's load changed): its per-image time is taken as 0, a lower bound; sample more shards"
+            )
+            return math.inf, self.wall_s, notes
+        per_image = dt / di
+        return 1.0 / per_image, max(0.0, self.wall_s - self.images * per_image), notes
+
+
+def _finite(x: float, digits: int = 2) -> float | None:
+    """``x`` rounded for the JSON, None for an infinite rate (JSON has no infinity)."""
+    return round(x, digits) if math.isfinite(x) else None
 
 
 def _list_schedule(durations: list[float], slots: int) -> float:
@@ -359,7 +367,7 @@ def project(
         notes += cf_notes
         scale = _actor_scale(pilot, target, notes)
         cf_rate = rate * scale / target.slowdown(target.capfilt_cpus) * pilot.slowdown(pilot.capfilt_cpus)
-        cf_wall = cf_startup + (images / cf_rate if cf_rate > 0 else math.inf)
+        cf_wall = cf_startup + (images / cf_rate if cf_rate > 0 else math.inf)  # inf rate: + 0
         texts_per_image = cf.texts / cf.images if cf.images else 0.0
         keep = cf.kept / cf.texts if cf.texts else 0.0
         texts = images * texts_per_image
@@ -369,7 +377,7 @@ def project(
             "wall_s": round(cf_wall, 1),
             "cpu_hours": round(cf_wall * target.capfilt_cpus / 3600, 4),
             "gpu_hours": round(cf_wall * target.capfilt_gpus / 3600, 4),
-            "images_per_s": round(cf_rate, 2),
+            "images_per_s": _finite(cf_rate),
         }
         bytes_out["candidates"] = round(texts * cf.candidates_bytes / cf.texts) if cf.texts else 0
         if cf.kept:
@@ -438,10 +446,10 @@ def rates(dl: DownloadMeasure, cf: CapFiltMeasure | None, pilot: Cluster) -> dic
     if cf is not None:
         rate, startup, _ = cf.rate_and_startup()
         out["capfilt"] = {
-            "images_per_s": round(rate, 2),
+            "images_per_s": _finite(rate),
             "startup_s": round(startup, 1),
-            "images_per_cpu_s": round(rate / pilot.capfilt_cpus, 2) if pilot.capfilt_cpus else None,
-            "images_per_gpu_s": round(rate / pilot.capfilt_gpus, 2) if pilot.capfilt_gpus else None,
+            "images_per_cpu_s": _finite(rate / pilot.capfilt_cpus) if pilot.capfilt_cpus else None,
+            "images_per_gpu_s": _finite(rate / pilot.capfilt_gpus) if pilot.capfilt_gpus else None,
             "texts_per_image": round(cf.texts / cf.images, 3) if cf.images else None,
             "kept_fraction": round(cf.kept / cf.texts, 4) if cf.texts else None,
             "candidates_bytes_per_text": round(cf.candidates_bytes / cf.texts) if cf.texts else None,
