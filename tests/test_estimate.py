@@ -34,10 +34,18 @@ from capfilt.pipeline.estimate import (
 )
 from capfilt.pipeline.recipe import load_recipe
 
-# Projected / measured may be off by this much (fractions of the measured value).
-WALL_ERROR = 0.35  # wall time of the whole job (download + CapFilt)
-BYTES_ERROR = 0.15  # bytes on disk: download shards, candidates, cleaned shards
-COUNT_ERROR = 0.10  # images and texts: the pilot's success rate applied to the whole list
+# How far projected / measured may be from 1, from this machine's measurements:
+# - Wall time: within a factor of 2. The test's job is mostly start-up (Ray workers importing
+#   img2dataset, CapFilt's actors loading torch and their models), and on the shared 2-core machine
+#   that start-up is noisy: the same CapFilt run on the same 16 images took 108, 76 and 58 s back to
+#   back (load average 43-53). Measured total ratios here: 0.61 and 0.74 (test), 0.78 (benchmark).
+# - Bytes: within 15%. Shards hold the same kinds of rows in the pilot and in the rest; measured
+#   0.93-1.10. The test keeps every text (threshold 0): the tiny filter's scores sit within 1e-3 of
+#   0.5, so which texts it keeps changes from run to run, and so would the cleaned size.
+# - Counts: within 10%, the sampling error of a 2-shard success rate (measured 1.03).
+WALL_FACTOR = 2.0
+BYTES_ERROR = 0.15
+COUNT_ERROR = 0.10
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,7 +231,7 @@ def _recipe(tmp: Path, urls: Path, world: Path, models: dict[str, Path], shard_s
             "timeout": 5,
             "url_policy": "allow_loopback",
         },
-        "capfilt": {"batch_size": 16},
+        "capfilt": {"batch_size": 16, "threshold": 0.0},
     }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -234,7 +242,7 @@ def _check_consistent(ratios: dict[str, float]) -> None:
     assert ratios["rows"] == 1.0
     for key in ("images", "texts"):
         assert abs(ratios[key] - 1) <= COUNT_ERROR, (key, ratios)
-    assert abs(ratios["total_wall_s"] - 1) <= WALL_ERROR, ratios
+    assert 1 / WALL_FACTOR <= ratios["total_wall_s"] <= WALL_FACTOR, ratios
     for key in [k for k in ratios if k.startswith("bytes_")]:
         assert abs(ratios[key] - 1) <= BYTES_ERROR, (key, ratios)
 
@@ -266,6 +274,9 @@ def test_pilot_of_two_shards_prices_the_full_run_of_eight(
     est = Estimate(**est_json)
     measured = run_full(load_recipe(recipe), est, tmp_path / "full")
     assert measured["shards"] == 8
+    # The projection is not the pilot's own time: 8 shards cost more than 2.
+    pilot_s = est.measured["download"]["wall_s"] + est.measured["capfilt"]["wall_s"]
+    assert est.projection["total"]["wall_s"] > pilot_s
     ratios = compare(est.projection, measured)
     print("RATIOS", json.dumps(ratios), json.dumps(est.projection), json.dumps(measured), json.dumps(est.measured))
     _check_consistent(ratios)
