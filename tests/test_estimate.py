@@ -38,11 +38,16 @@ from capfilt.pipeline.recipe import load_recipe
 # - Wall time: within a factor of 2. The test's job is mostly start-up (Ray workers importing
 #   img2dataset, CapFilt's actors loading torch and their models), and on the shared 2-core machine
 #   that start-up is noisy: the same CapFilt run on the same 16 images took 108, 76 and 58 s back to
-#   back (load average 43-53). Measured total ratios here: 0.61 and 0.74 (test), 0.78 (benchmark).
+#   back (load average 43-53). The pilot's probe is the session's first CapFilt run and the slowest,
+#   so at this size its per-image time comes out as 0 (a lower bound) and the projection runs low:
+#   measured total ratios 0.61 and 0.56 (this test, load average 12-58; see also
+#   benchmarks/results/estimate.json).
 # - Bytes: within 15%. Shards hold the same kinds of rows in the pilot and in the rest; measured
-#   0.93-1.10. The test keeps every text (threshold 0): the tiny filter's scores sit within 1e-3 of
-#   0.5, so which texts it keeps changes from run to run, and so would the cleaned size.
-# - Counts: within 10%, the sampling error of a 2-shard success rate (measured 1.03).
+#   0.93-1.04 (download shards, candidates), 0.98 (cleaned, every text kept). The test keeps every
+#   text (threshold 0): the tiny filter's scores sit within 1e-3 of 0.5, so which texts it keeps
+#   changes from run to run, and so would the cleaned size.
+# - Counts: within 10%, the sampling error of a 2-shard success rate (measured 1.03: more of the
+#   served world's first 72 rows download than of the rest).
 WALL_FACTOR = 2.0
 BYTES_ERROR = 0.15
 COUNT_ERROR = 0.10
@@ -263,7 +268,9 @@ def test_pilot_of_two_shards_prices_the_full_run_of_eight(
         ["estimate", str(recipe), "--sample-shards", "2", "--json", str(out_json)]
     )
     assert result.exit_code == 0, result.output
-    assert "capfilt" in result.output and "GPU-h" in result.output and "cleaned images included" in result.output
+    assert (
+        "capfilt" in result.output and "GPU-h" in result.output and "cleaned images included" in result.output
+    )
     est_json = json.loads(out_json.read_text())
     assert est_json["sample_shards"] == 2 and est_json["projection"]["shards"] == 8
     assert Path(est_json["pilot_dir"]) == tmp_path / "run-pilot"
@@ -277,9 +284,7 @@ def test_pilot_of_two_shards_prices_the_full_run_of_eight(
     # The projection is not the pilot's own time: 8 shards cost more than 2.
     pilot_s = est.measured["download"]["wall_s"] + est.measured["capfilt"]["wall_s"]
     assert est.projection["total"]["wall_s"] > pilot_s
-    ratios = compare(est.projection, measured)
-    print("RATIOS", json.dumps(ratios), json.dumps(est.projection), json.dumps(measured), json.dumps(est.measured))
-    _check_consistent(ratios)
+    _check_consistent(compare(est.projection, measured))
 
 
 def test_estimate_refuses_a_pilot_in_the_run_folder(tmp_path: Path) -> None:
@@ -290,3 +295,23 @@ def test_estimate_refuses_a_pilot_in_the_run_folder(tmp_path: Path) -> None:
         run_estimate(rec, 0)
     with pytest.raises(ConfigError, match="run folder"):
         run_estimate(rec, 1, tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local", "one_torch_thread")
+def test_pilot_of_two_shards_prices_eight_larger_shards(tmp_path: Path) -> None:
+    """The same check on a world of 8 shards of 120 rows, where per-image work weighs more."""
+    from capfilt.pipeline.estimate import run_estimate
+    from capfilt.testing import tiny_models
+    from capfilt.world import WorldConfig, WorldServer, make_world, write_url_list
+
+    world = tmp_path / "world"
+    make_world(world, WorldConfig(seed=11, n_web=912, n_human=10, n_test=10))  # + 48 bad rows = 960
+    models = tiny_models(world, tmp_path / "models")
+    with WorldServer(world) as server:
+        urls = write_url_list(world, server.base_url, world / "urls.parquet")
+        recipe = load_recipe(_recipe(tmp_path, urls, world, models, shard_size=120))
+        est = run_estimate(recipe, 2)
+        measured = run_full(recipe, est, tmp_path / "full")
+    assert measured["shards"] == 8
+    _check_consistent(compare(est.projection, measured))
