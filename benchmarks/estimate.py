@@ -76,10 +76,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         path.write_text(yaml.safe_dump(spec))
         recipe = load_recipe(path)
         ensure_ray()
+        load = {"start": os.getloadavg()[0]}
         t0 = time.perf_counter()
         est = run_estimate(recipe, args.pilot, root / "pilot")
         pilot_s = time.perf_counter() - t0
+        load["after_pilot"] = os.getloadavg()[0]
         measured = run_full(recipe, est, root / "full")
+        load["after_full"] = os.getloadavg()[0]
     result = {
         "what": f"shapes world, {args.full} shards of {args.shard_size} rows; pilot {args.pilot} shards",
         "pilot_wall_s": round(pilot_s, 1),
