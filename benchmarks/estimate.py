@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target_cluster": est.target_cluster,
         "notes": est.notes,
         "machine": {
+            # 1-minute load averages: the machine is shared, and start-up times follow its load.
+            "load_average": {k: round(v, 1) for k, v in load.items()},
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "cores": os.cpu_count(),
