@@ -218,6 +218,50 @@ def test_target_cluster_reads_the_recipes_resources() -> None:
     assert any("pilot's cluster" in n for n in notes)
 
 
+# --------------------------------------------------------------------------- the pilot's models
+
+
+def test_pilot_models_prefer_init_then_the_finetune_then_random_weights(tmp_path: Path) -> None:
+    """init.<role> wins; else a finished fine-tune in the run folder; else a random MED of the
+    recipe's architecture (demo: med-tiny), with a tokenizer trained on the pilot's texts."""
+    from capfilt.model.config import get_config
+    from capfilt.model.tokenizer import load_tokenizer
+    from capfilt.pipeline.estimate import pilot_models
+
+    dl = tmp_path / "download"
+    dl.mkdir()
+    texts = [
+        f"a {c} {s} on the {p}" for c in ("red", "blue") for s in ("cube", "ball") for p in ("left", "top")
+    ]
+    pq.write_table(pa.table({"text": texts * 5}), dl / "00000.parquet")
+    rec = load_recipe(ROOT / "pipelines" / "demo.yaml", {"out": str(tmp_path / "run")})
+    paths, notes = pilot_models(rec, tmp_path / "pilot", dl)
+    assert all("random weights of med-tiny" in n for n in notes) and len(notes) == 2
+    tok = load_tokenizer(paths["captioner"])
+    assert tok.tokenize("a red cube") == ["a", "red", "cube"]
+    config = json.loads((Path(paths["filter"]) / "config.json").read_text())
+    assert config["vision_config"]["image_size"] == get_config("med-tiny").vision.image_size
+
+    stages = tmp_path / "run" / "_stages"
+    stages.mkdir(parents=True)
+    tuned = {
+        role: {"model_dir": f"/tuned/{role}", "tokenizer_dir": "/tuned/tok"}
+        for role in ("captioner", "filter")
+    }
+    (stages / "finetune.json").write_text(json.dumps({"status": "done", "result": tuned}))
+    rec = load_recipe(
+        ROOT / "pipelines" / "demo.yaml",
+        {"out": str(tmp_path / "run"), "init": {"filter": "/given"}},
+        check_paths=False,
+    )
+    paths, _ = pilot_models(rec, tmp_path / "pilot", dl)
+    assert (paths["captioner"], paths["filter"], paths["tokenizer"]) == (
+        "/tuned/captioner",
+        "/given",
+        "/tuned/tok",
+    )
+
+
 # ------------------------------------------------------------- a pilot against the full run
 
 
