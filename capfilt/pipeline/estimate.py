@@ -8,7 +8,8 @@ The cost model, per stage (every constant measured by the pilot):
   ``rows x seconds_per_row``, plus a start-up the first time a worker runs one (its imports). The
   pilot runs its shards in two waves, so the second wave runs on warm workers and the two are told
   apart. On an embedded local Ray whose logical CPUs exceed the machine's cores
-  (``ensure_ray`` asks for at least 4), tasks share the cores: the projection slows them to match.
+  (``ensure_ray`` asks for at least 4), tasks share the cores: the projection slows them to match,
+  and prices the workers' start-ups one after another.
 - CapFilt: ``startup + images / images_per_s``. The pilot runs CapFilt twice, on one model batch
   (the probe) and on the sample shards; the difference prices an image, the rest is the start-up
   (Ray Data, actors loading their models). On another cluster the rate scales with the actor
@@ -338,9 +339,13 @@ def project(
     last_rows = rows - (n_shards - 1) * shard_size
     # The pilot ran its shards uncontended (at most one per core): target tasks slow down only
     # where the target's own logical CPUs outnumber its cores.
-    slowdown = target.slowdown(min(target.download_slots, n_shards) * target.download_cpus_per_task)
+    busy = min(target.download_slots, n_shards)
+    slowdown = target.slowdown(busy * target.download_cpus_per_task)
     t_row = dl.per_row_s() * slowdown
-    startup = dl.startup_s() * slowdown
+    # Where the cores are known (an embedded local Ray) the workers' start-ups (imports) are priced
+    # one after another: four cold workers started at once on 2 shared cores took 4-5x one alone
+    # (benchmarks/results/estimate.json), and Ray starts at most one worker per core at a time.
+    startup = dl.startup_s() * (busy if target.cores is not None else 1.0)
     if dl.cold_shards >= len(dl.shard_rows):
         notes.append("download: no pilot shard ran on a warm worker, so its start-up is priced per row")
     planning = dl.planning_s(min(dl.cold_shards, len(dl.shard_rows)) or 1)
@@ -349,7 +354,7 @@ def project(
     )
     dl_wall = planning + span
     images = rows * dl.success_rate
-    task_s = rows * t_row + min(target.download_slots, n_shards) * startup
+    task_s = rows * t_row + busy * startup
     out: dict[str, Any] = {
         "rows": rows,
         "shards": n_shards,
