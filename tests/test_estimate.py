@@ -40,8 +40,9 @@ from capfilt.pipeline.recipe import load_recipe
 #   that start-up is noisy: the same CapFilt run on the same 16 images took 108, 76 and 58 s back to
 #   back (load average 43-53). The pilot's probe is the session's first CapFilt run and the slowest,
 #   so at this size its per-image time comes out as 0 (a lower bound) and the projection runs low:
-#   measured total ratios 0.61 and 0.56 (this test, load average 12-58; see also
-#   benchmarks/results/estimate.json).
+#   measured total ratios 0.61 and 0.56 (this test, load average 12-58, before download start-ups
+#   were priced one after another; it passed again after), 0.74-2.19 in
+#   benchmarks/results/estimate.json.
 # - Bytes: within 15%. Shards hold the same kinds of rows in the pilot and in the rest; measured
 #   0.93-1.04 (download shards, candidates), 0.98 (cleaned, every text kept). The test keeps every
 #   text (threshold 0): the tiny filter's scores sit within 1e-3 of 0.5, so which texts it keeps
