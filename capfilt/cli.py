@@ -434,6 +434,51 @@ def validate(
 
 
 @app.command()
+def estimate(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe, e.g. pipelines/demo.yaml.")],
+    sample_shards: Annotated[int, typer.Option(help="Shards the pilot downloads and cleans.")] = 2,
+    out: Annotated[
+        Path | None, typer.Option(help="Pilot folder. [default: the recipe's run folder + '-pilot']")
+    ] = None,
+    json_: Annotated[
+        Path | None, typer.Option("--json", help="Also write the estimate to this file.")
+    ] = None,
+    cpus: Annotated[float | None, typer.Option(help="Project for a cluster of this many CPUs.")] = None,
+    gpus: Annotated[float | None, typer.Option(help="Project for a cluster of this many GPUs.")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Override the recipe's ray_address (e.g. auto); 'local': local Ray.")
+    ] = None,
+    set_: Annotated[list[str] | None, _set_option()] = None,
+) -> None:
+    """Price a job first: run the recipe's download and CapFilt on a few shards, then project the
+    full input's wall time, CPU/GPU-hours and bytes on disk on the recipe's (or a given) cluster."""
+    from capfilt.core.cluster import ray_running, shutdown_local_ray
+    from capfilt.core.fs import write_json_atomic
+    from capfilt.pipeline.estimate import default_pilot_dir, run_estimate
+    from capfilt.pipeline.recipe import load_recipe, parse_assignments
+
+    try:
+        overrides = parse_assignments(set_)
+        if ray_address:
+            overrides["ray_address"] = None if ray_address == "local" else ray_address
+        rec = load_recipe(recipe, overrides)
+        pilot = out or default_pilot_dir(rec)
+        ours = not ray_running()
+        pilot.mkdir(parents=True, exist_ok=True)
+        with _engine_log(pilot):
+            try:
+                est = run_estimate(rec, sample_shards, pilot, cpus=cpus, gpus=gpus)
+            finally:
+                if ours:
+                    shutdown_local_ray()
+    except (ConfigError, StageFailed) as err:
+        _fail(err)
+    if json_ is not None:
+        write_json_atomic(json_, est.to_json())
+    _print_block(f"estimate for {rec.name} from {est.sample_shards} pilot shard(s) in {pilot}", est.lines())
+
+
+@app.command()
 def status(
     run_dir: Annotated[
         Path, typer.Argument(help="A run folder of `capfilt run`, or one stage's output folder.")
