@@ -123,7 +123,8 @@ def expand_sources(spec: UrlSpec, input_format: str | None = None) -> list[UrlSo
         text = str(entry)
         loc = fs.location(entry)
         if any(c in loc.name or c in str(loc.parent) for c in _GLOB_CHARS) and not loc.exists():
-            found = _expand_glob(text)
+            # Bookkeeping names (_SUCCESS, .crc files) are no list files, whatever the glob.
+            found = [f for f in _expand_glob(text) if not fs.location(f).name.startswith(("_", "."))]
             if not found:
                 raise ConfigError(f"URL list glob {text} matches no file")
             files.extend(found)
