@@ -351,7 +351,7 @@ def test_a_list_in_many_files_and_formats_downloads_to_the_same_rows(downloaded,
     table = pq.read_table(urls)
     a = tmp_path / "part-0.parquet"
     pq.write_table(table.slice(0, 100), a)
-    b = _write_tsv_gz(tmp_path / "part-1.tsv.gz", table.slice(100).select(["url", "caption"]).to_pylist())
+    _write_tsv_gz(tmp_path / "part-1.tsv.gz", table.slice(100).select(["url", "caption"]).to_pylist())
     out = tmp_path / "out"
     summary = run_download(str(tmp_path / "part-*"), out, CFG, progress=False)
     assert summary.rows_in == table.num_rows
