@@ -1,5 +1,8 @@
 """The download stage: web alt-text pairs in, Parquet shards of SAMPLE rows out, via img2dataset.
 
+The driver plans shards and runs the duplicate pass without holding rows (`planner`); each shard
+task reads its own rows, makes their uids, screens them and downloads them (`download_shard`).
+
 img2dataset does the fetching, decoding and resizing (its Downloader and Resizer, one shard at a
 time, in-process). capfilt owns what img2dataset's distributors do not do reliably: the stable uid,
 per-shard retry and concurrency on Ray, one output row per input row whatever happens, atomic
@@ -481,7 +484,7 @@ def _plan(
 
 def run_download(
     urls: UrlSpec,
-    out_dir: str | Path,
+    out_dir: str | Path | fs.RemotePath,
     cfg: DownloadConfig | None = None,
     url_col: str = "url",
     caption_col: str | None = "caption",
@@ -618,7 +621,7 @@ def failure_reason(err: BaseException) -> str:
     return f"{type(cause).__name__}: {first}"[:500] if first else type(cause).__name__
 
 
-def read_samples(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+def read_samples(out_dir: str | Path | fs.RemotePath, columns: list[str] | None = None) -> pa.Table:
     """All SAMPLE rows of a finished download folder (local or remote), ordered by input row.
     Extra input columns (DownloadConfig.extra_columns) are left out; read the shards for them."""
     out = fs.location(out_dir)
