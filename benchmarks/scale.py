@@ -256,7 +256,9 @@ def part_download(args: argparse.Namespace) -> dict[str, Any]:
             cases[name] = {
                 "rows": rows,
                 "input_mib": round(size / 2**20, 1),
-                "ours": _median_of(ours, ["plan_s", "dedup_s", "first_shard_s", "peak_rss_mib", "rss_before_mib"]),
+                "ours": _median_of(
+                    ours, ["plan_s", "dedup_s", "first_shard_s", "peak_rss_mib", "rss_before_mib"]
+                ),
                 "img2dataset_reader": _median_of(anchor, ["first_shard_s", "all_shards_s", "peak_rss_mib"]),
             }
             if path.is_dir():

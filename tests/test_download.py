@@ -359,3 +359,13 @@ def test_a_list_in_many_files_and_formats_downloads_to_the_same_rows(downloaded,
     assert read_samples(out).select(cols).equals(read_samples(full_out).select(cols))
     assert summary.shards_total == 2 + -(-(table.num_rows - 100) // CFG.shard_size)
     assert not (out / INPUTS_DIR).exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "text"),
+    [("http://x/1", "a"), ("http://x/\x1f", "b"), ("", "\x1f\x1f"), ("http://é/日本", "\ud800")],
+)
+def test_the_duplicate_pass_key_is_the_first_occurrence_uid(url, text):
+    from capfilt.stages.download.planner import first_uid
+
+    assert first_uid("src", url, text) == S.make_uid("src", url, text)

@@ -29,6 +29,7 @@ output folder (``_inputs/dedup/_complete.json``) and kept until every shard is d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -48,6 +49,8 @@ from capfilt.core.shards import read_json, shard_name, write_json_atomic, write_
 from capfilt.io.urllist import UrlSource, check_columns, iter_batches, text_columns
 
 log = logging.getLogger(__name__)
+
+_SEP = "\x1f"  # capfilt.core.schema's field separator
 
 PLAN_FILE = "plan.json"  # under _inputs/: the shard plans, reused by a rerun of the same input
 DEDUP_DIR = "dedup"  # under _inputs/: the duplicate pass's keys and results
@@ -264,6 +267,16 @@ def group_of(shard: int, shard_size: int, partition_rows: int) -> int:
     return shard // max(1, partition_rows // shard_size)
 
 
+def first_uid(source: str, url: str, text: str) -> str:
+    """`make_uid(source, url, text)` (occurrence 0) in one hash call: the duplicate pass's key.
+    Hashing the joined fields is hashing them one after the other, as make_uid does; a field
+    holding the separator takes make_uid's own path."""
+    joined = f"{source}{_SEP}{url}{_SEP}{text}"
+    if joined.count(_SEP) != 2:
+        return make_uid(source, url, text)
+    return hashlib.blake2b(joined.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
 def _contiguous(plans: list[ShardPlan]) -> list[ShardPlan]:
     """Consecutive plans over adjacent rows of one Parquet file merged, so a group reads each
     row group once."""
@@ -297,9 +310,9 @@ def dedup_map(
         for url, text in zip(table.column("url").to_pylist(), table.column("text").to_pylist(), strict=True):
             url = url or ""
             stripped = url.strip()
-            skey = make_uid(source, stripped, text)
+            skey = first_uid(source, stripped, text)
             skeys.append(skey)
-            ukeys.append(skey if stripped == url else make_uid(source, url, text))
+            ukeys.append(skey if stripped == url else first_uid(source, url, text))
             valid.append(url_problem(stripped) is None)
         rows.append(np.arange(plan.row0, plan.row0 + plan.rows, dtype=np.int64))
     n = len(skeys)
@@ -407,8 +420,10 @@ def run_dedup(
     root = dedup_root(out)
     done = root / DEDUP_DONE
     if done.is_file():
-        return dict(read_json(done))
-    fs.rmtree(root)  # a pass that did not finish: start it again
+        found = dict(read_json(done))
+        if found.get("partition_rows") == partition_rows:
+            return found
+    fs.rmtree(root)  # a pass that did not finish, or grouped otherwise: do it again
     groups = groups_of(plans, shard_size, partition_rows)
     opts = {"num_cpus": cpus, "max_retries": retries, "retry_exceptions": True}
     mapper = ray.remote(dedup_map).options(**opts)
@@ -425,6 +440,7 @@ def run_dedup(
     result = {
         "rows": int(sum(read)),
         "partitions": n,
+        "partition_rows": partition_rows,
         "repeats": sum(f["repeats"] for f in found),
         "duplicates": sum(f["duplicates"] for f in found),
     }
