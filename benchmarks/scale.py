@@ -113,12 +113,16 @@ def _make_tsv_gz(folder: Path, rows: int) -> Path:
 
 def child_ours(urls: str, out: str, max_shards: int, shard_size: int) -> dict[str, Any]:
     """One capfilt download driver run, in this (fresh) process."""
+    import ray
+
     import capfilt.stages.download.driver as D
     from capfilt.core.cluster import ensure_ray
     from capfilt.core.layout import STATS_DIR
 
     t_ray = time.perf_counter()
-    ensure_ray(num_cpus=4)
+    # A new local instance even if another Ray cluster runs on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 << 20)
+    ensure_ray()
     ray_s = time.perf_counter() - t_ray
     rss_before = _rss_mib()
     marks: dict[str, float] = {}

@@ -31,7 +31,9 @@ def s3_ray() -> Iterator[str]:
 
     ray.shutdown()
     with s3_server() as bucket:
-        ensure_ray(num_cpus=4)
+        # A new local instance even if another Ray cluster runs on this machine.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 << 20)
+        ensure_ray()  # joins it: capfilt's logging set-up
         try:
             yield bucket
         finally:

@@ -420,9 +420,9 @@ def run_dedup(
     root = dedup_root(out)
     done = root / DEDUP_DONE
     if done.is_file():
-        found = dict(read_json(done))
-        if found.get("partition_rows") == partition_rows:
-            return found
+        before = dict(read_json(done))
+        if before.get("partition_rows") == partition_rows:
+            return before
     fs.rmtree(root)  # a pass that did not finish, or grouped otherwise: do it again
     groups = groups_of(plans, shard_size, partition_rows)
     opts = {"num_cpus": cpus, "max_retries": retries, "retry_exceptions": True}
