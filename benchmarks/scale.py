@@ -7,7 +7,7 @@ parts run separately and keep each other's figures.
 Part "download": the planner and the download driver on URL lists of 1M and 10M rows, each split
 over 10 Parquet files, and a 1M-row gzipped TSV. The URLs point at 127.0.0.1 port 9 (refused at
 once) and the run stops after `--max-shards` shards: what is measured is the driver, not the
-network. Each run is a fresh subprocess (so its peak RSS is its own, `getrusage`'s ru_maxrss),
+network. Each run is a fresh subprocess (so its peak RSS is its own: /proc/self/status VmHWM, not ru_maxrss, which inherits the parent's),
 with Ray started before the clock (its start-up is reported apart). Figures:
 
 - plan_s: from the call to the shard plans being ready (Parquet: metadata; TSV: streamed once
@@ -57,7 +57,14 @@ def _update_results(key: str, value: dict[str, Any]) -> None:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's own peak resident memory: VmHWM, the high-water mark of its address space.
+    Not getrusage's ru_maxrss, which keeps the parent's peak across fork and exec (a child of a
+    process that just generated 10M rows would report the parent's memory)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rss_mib() -> float:
@@ -163,6 +170,7 @@ def child_ours(urls: str, out: str, max_shards: int, shard_size: int) -> dict[st
         "ray_start_s": round(ray_s, 2),
         "plan_s": round(marks["plan"] - t0, 3),
         "dedup_s": round(marks["dedup"] - marks["plan"], 3),
+        "ready_s": round(marks["dedup"] - t0, 3),  # every shard can start: img2dataset's all_shards_s
         "first_shard_s": round((first[0] if first else end) - t0, 3),
         "wall_s": round(end - t0, 3),
         "rss_before_mib": round(rss_before, 1),
@@ -231,6 +239,26 @@ def _median_of(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
     return out
 
 
+def _header(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "what": "planner + download driver; URLs refused at once, stopped after max_shards shards",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}",
+        "shard_size": args.shard_size,
+        "max_shards": args.max_shards,
+        "repeat": args.repeat,
+        "notes": [
+            "ours.first_shard_s: the first output shard downloaded and written (stats file), after "
+            "planning and the duplicate pass; img2dataset_reader.first_shard_s: its first input "
+            "shard file ready, before any download. Compare ours.ready_s (plan + duplicate pass: "
+            "every shard can start) with img2dataset_reader.all_shards_s.",
+            "peak_rss_mib: the process's own VmHWM; the driver's Ray workers (duplicate pass, shard "
+            "tasks) are other processes.",
+            "Parts generated with pyarrow's default row groups (one per file): a shard task reads "
+            "its file's whole row group for its 10k rows.",
+        ],
+    }
+
+
 def part_download(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="capfilt-scale-", dir=args.tmp))
     cases: dict[str, Any] = {}
@@ -261,10 +289,11 @@ def part_download(args: argparse.Namespace) -> dict[str, Any]:
                 "rows": rows,
                 "input_mib": round(size / 2**20, 1),
                 "ours": _median_of(
-                    ours, ["plan_s", "dedup_s", "first_shard_s", "peak_rss_mib", "rss_before_mib"]
+                    ours, ["plan_s", "dedup_s", "ready_s", "first_shard_s", "peak_rss_mib", "rss_before_mib"]
                 ),
                 "img2dataset_reader": _median_of(anchor, ["first_shard_s", "all_shards_s", "peak_rss_mib"]),
             }
+            _update_results("download", {**_header(args), "cases": cases, "complete": False})
             if path.is_dir():
                 shutil.rmtree(path)
             else:
@@ -274,11 +303,8 @@ def part_download(args: argparse.Namespace) -> dict[str, Any]:
     rss10 = cases["parquet_10m"]["ours"]["peak_rss_mib"]
     rss1 = cases["parquet_1m"]["ours"]["peak_rss_mib"]
     result = {
-        "what": "planner + download driver; URLs refused at once, stopped after max_shards shards",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}",
-        "shard_size": args.shard_size,
-        "max_shards": args.max_shards,
-        "repeat": args.repeat,
+        **_header(args),
+        "complete": True,
         "cases": cases,
         "goals": {
             "peak_rss_10m_mib": rss10,
