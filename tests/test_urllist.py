@@ -260,7 +260,17 @@ def test_cli_takes_many_lists_and_refuses_a_missing_extra_column_before_any_work
     a = _write_rows(tmp_path / "a.parquet", _rows(3), "parquet")
     b = _write_rows(tmp_path / "b.tsv.gz", _rows(3, 3), "tsv", "gz")
     out = tmp_path / "out"
-    args = ["download", "--urls", str(a), "--urls", str(b), "--out", str(out), "--extra-columns", "[similarity]"]
+    args = [
+        "download",
+        "--urls",
+        str(a),
+        "--urls",
+        str(b),
+        "--out",
+        str(out),
+        "--extra-columns",
+        "[similarity]",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert f"URL list {a} has no column 'similarity' (download.extra_columns)" in result.output

@@ -106,19 +106,21 @@ class Columns:
 
 def fingerprint(sources: Sequence[UrlSource], cols: Columns, shard_size: int, source: str) -> dict[str, Any]:
     """What makes an output folder reusable by a rerun: the same input files and shard layout.
-    Each file counts by its path, size and modification time (object stores: the object's
-    LastModified), never by reading its bytes: a 10M-row list costs a few stat calls."""
+    Each file counts by its path, its size and a hash of its content: for Parquet the SHA-256 of
+    its footer (the metadata: schema, row groups, their offsets and statistics; a few KB whatever
+    the rows), for the other formats of its bytes, streamed in 1 MiB reads (the planner streams
+    such a file whole anyway). Not the modification time: a list rewritten with the same bytes
+    (the world stage's) is the same input."""
     files = []
     for src in sources:
         loc = fs.location(src.path)
-        st = loc.stat()
         files.append(
             {
                 "path": str(loc.resolve()),
                 "format": src.fmt,
                 "compression": src.compression,
-                "bytes": st.st_size,
-                "mtime": st.st_mtime,
+                "bytes": loc.stat().st_size,
+                "sha256": _content_hash(loc, src.fmt == "parquet"),
             }
         )
     return {
@@ -130,6 +132,21 @@ def fingerprint(sources: Sequence[UrlSource], cols: Columns, shard_size: int, so
         "shard_size": shard_size,
         "source": source,
     }
+
+
+def _content_hash(loc: Location, footer_only: bool) -> str:
+    h = hashlib.sha256()
+    with loc.open("rb") as f:
+        if footer_only:
+            f.seek(-8, 2)
+            tail = f.read(8)
+            n = int.from_bytes(tail[:4], "little")
+            f.seek(-(8 + n), 2)
+            h.update(f.read(n + 8))
+            return "footer:" + h.hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
