@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -56,6 +57,14 @@ def _engine_log(run_dir: Path) -> Any:
     from capfilt.core.logs import engine_log
 
     return engine_log(run_dir / LOG_FILE, verbose=_verbose)
+
+
+def _log_dir(out: str) -> Path:
+    """Where a command's log goes: its output folder, or the working folder for a remote one."""
+    from capfilt.core import fs
+
+    loc = fs.location(out)
+    return loc if isinstance(loc, Path) else Path(tempfile.gettempdir()) / "capfilt-logs"
 
 
 def _fail(err: Exception) -> None:
@@ -129,8 +138,14 @@ def _set_option() -> Any:
 @app.command()
 @config_options(DownloadConfig, aliases={"url_policy": "--policy"})
 def download(
-    urls: Annotated[Path, typer.Option(help="URL list: .parquet, .csv, .tsv or .jsonl.")],
-    out: Annotated[Path, typer.Option(help="Output folder for the Parquet shards.")],
+    urls: Annotated[
+        list[str],
+        typer.Option(
+            help="URL list: a .parquet, .csv, .tsv or .jsonl file (optionally .gz/.zst/.bz2), a "
+            "folder of them, or a glob; local or s3://...; repeat for more."
+        ),
+    ],
+    out: Annotated[str, typer.Option(help="Output folder for the Parquet shards (local or s3://...).")],
     url_col: str = "url",
     caption_col: str = "caption",
     input_format: Annotated[
@@ -153,9 +168,9 @@ def download(
         options.setdefault("url_policy", "allow_loopback")
     try:
         cfg = _validated(DownloadConfig, options, "download")
-        with _engine_log(out):
+        with _engine_log(_log_dir(out)):
             summary = run_download(
-                urls,
+                urls if len(urls) > 1 else urls[0],
                 out,
                 cfg,
                 url_col=url_col,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -195,3 +196,176 @@ def test_uid_is_stable_and_depends_on_content_only():
     # Reordering the input does not change a row's uid.
     uids2, _ = S.make_uids("s", ["v", "u"], ["t", "t"])
     assert uids2 == [uids[1], uids[0]]
+
+
+# ----------------------------------------------------------------- URL inputs at scale: the planner
+
+
+def _refused_list(n: int) -> list[dict[str, str]]:
+    """Rows whose URLs are refused at once (port 9 on loopback): the driver is what is tested."""
+    return [{"url": f"http://127.0.0.1:9/{i}.jpg", "caption": f"c{i}"} for i in range(n)]
+
+
+REFUSED = DownloadConfig(
+    image_size=16, shard_size=7, thread_count=4, timeout=2, source="t", url_policy="allow_loopback"
+)
+
+
+def _write_tsv_gz(path: Path, rows: list[dict[str, Any]]) -> Path:
+    cols = list(rows[0])
+    text = "\t".join(cols) + "\n" + "".join("\t".join(str(r[c]) for c in cols) + "\n" for r in rows)
+    with pa.CompressedOutputStream(str(path), "gzip") as f:
+        f.write(text.encode())
+    return path
+
+
+def test_the_planner_holds_file_ranges_and_reads_no_parquet_rows(tmp_path, monkeypatch):
+    """Parquet shards are (file, row range) from metadata alone; a streamed format is written
+    shard by shard into _inputs/, each file one shard."""
+    from capfilt.io.urllist import expand_sources
+    from capfilt.stages.download.planner import Columns, plan_shards
+
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.Table.from_pylist(_refused_list(25_000)), a, row_group_size=4_000)
+    pq.write_table(pa.Table.from_pylist(_refused_list(1_000)), b)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the planner read rows")
+
+    for name in ("read", "read_row_groups", "read_row_group", "iter_batches"):
+        monkeypatch.setattr(pq.ParquetFile, name, refuse)
+    monkeypatch.setattr(pq, "read_table", refuse)
+    plans = plan_shards(expand_sources([a, b]), tmp_path / "out", Columns("url", "caption"), 3_000)
+    monkeypatch.undo()
+    expected = [(str(a), s, min(3_000, 25_000 - s), s) for s in range(0, 25_000, 3_000)]
+    expected.append((str(b), 0, 1_000, 25_000))
+    assert [(p.path, p.start, p.rows, p.row0) for p in plans] == expected
+    assert [p.shard for p in plans] == list(range(len(expected))) and not any(p.prepared for p in plans)
+    assert not (tmp_path / "out").exists(), "planning Parquet writes nothing"
+
+    tsv = _write_tsv_gz(tmp_path / "c.tsv.gz", _refused_list(2_500))
+    streamed = plan_shards(expand_sources(tsv), tmp_path / "out", Columns("url", "caption"), 1_000)
+    assert [(p.rows, p.row0, p.prepared) for p in streamed] == [
+        (1_000, 0, True),
+        (1_000, 1_000, True),
+        (500, 2_000, True),
+    ]
+    texts = [pq.read_table(p.path).column("text").to_pylist() for p in streamed]
+    assert sum(texts, []) == [r["caption"] for r in _refused_list(2_500)]
+    assert all(Path(p.path).parent == tmp_path / "out" / INPUTS_DIR for p in streamed)
+
+
+def _reference(rows: list[dict[str, Any]], tmp_path: Path) -> pa.Table:
+    """uids, statuses and reasons of the in-memory reference: the whole list at once."""
+    ref = tmp_path / "ref.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), ref)
+    pairs = read_url_list(ref, source=REFUSED.source)
+    status, reason = screen_rows(pairs)
+    return pairs.append_column("pre_status", pa.array(status, pa.string())).append_column(
+        "pre_reason", pa.array(reason, pa.string())
+    )
+
+
+@pytest.mark.parametrize("partition_rows", [14, 1_000_000])
+def test_duplicates_across_shards_and_files_are_found_as_in_one_list(ray_local, tmp_path, partition_rows):
+    """Repeats of earlier rows in other shards and other files, an exact triple, a URL that
+    differs only in its spaces, repeated unusable rows: every status, reason and uid is the one
+    the whole list screened at once gives, whatever the number of hash partitions."""
+    rows = _refused_list(40)
+    rows[9] = dict(rows[1])  # shard 1 repeats shard 0
+    rows[20] = dict(rows[1])  # a third time, in a later group
+    rows[22] = {"url": f"  {rows[3]['url']} ", "caption": rows[3]["caption"]}  # spaces: still a duplicate
+    rows[30] = dict(rows[5])  # the second file repeats the first
+    rows[31] = {"url": "", "caption": "no url"}
+    rows[33] = {"url": "", "caption": "no url"}  # unusable: invalid, never a duplicate, own uid
+    rows[35] = {"url": "ftp://x/1", "caption": "c"}
+    rows[36] = {"url": "ftp://x/1", "caption": "c"}
+    rows[38] = dict(rows[6])
+    rows[39] = dict(rows[38])
+    a = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[:28]), a, row_group_size=5)
+    b = _write_tsv_gz(tmp_path / "b.tsv.gz", rows[28:])
+    cfg = REFUSED.model_copy(update={"dedup_partition_rows": partition_rows})
+    out = tmp_path / "out"
+    summary = run_download([a, b], out, cfg, progress=False)
+    got = read_samples(out)
+    ref = _reference(rows, tmp_path)
+    assert got.column("row").to_pylist() == list(range(40)) and summary.rows_in == 40
+    assert got.column("uid").to_pylist() == ref.column("uid").to_pylist()
+    pre = ref.column("pre_status").to_pylist()
+    assert [s for s in pre if s] == ["duplicate"] * 4 + ["invalid_input"] * 4 + ["duplicate"] * 2
+    expect = [s or S.FAILED_TO_DOWNLOAD for s in pre]
+    assert got.column("status").to_pylist() == expect
+    dup = [i for i, s in enumerate(pre) if s == S.DUPLICATE]
+    assert [got.column("reason")[i].as_py() for i in dup] == [
+        ref.column("pre_reason")[i].as_py() for i in dup
+    ]
+    assert f"(uid {ref.column('uid')[3].as_py()})" in got.column("reason")[22].as_py()
+    assert f"(uid {ref.column('uid')[6].as_py()})" in got.column("reason")[39].as_py()
+    assert summary.status_counts[S.DUPLICATE] == 6
+    assert summary.shards_total == 6 == len(set(got.column("shard").to_pylist()))  # 4 + 2: per file
+
+
+def test_extra_columns_are_carried_after_the_sample_columns(ray_local, tmp_path):
+    rows = [dict(r, similarity=0.25 * (i % 4), WIDTH=100 + i) for i, r in enumerate(_refused_list(20))]
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[:12]), a)
+    pq.write_table(pa.Table.from_pylist(rows[12:]), b)
+    cfg = REFUSED.model_copy(update={"extra_columns": ["similarity", "WIDTH"]})
+    out = tmp_path / "out"
+    run_download([a, b], out, cfg, progress=False)
+    shards = sorted(out.glob("[0-9]*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in shards]).sort_by("row")
+    assert table.schema.names == [*S.SAMPLE.names, "similarity", "WIDTH"]
+    assert (
+        table.schema.field("similarity").type == pa.float64()
+        and table.schema.field("WIDTH").type == pa.int64()
+    )
+    assert table.column("similarity").to_pylist() == [r["similarity"] for r in rows]
+    assert table.column("WIDTH").to_pylist() == [r["WIDTH"] for r in rows]
+    # Readers of SAMPLE rows see SAMPLE rows.
+    assert read_samples(out).schema == S.SAMPLE
+    assert S.conform(table, S.SAMPLE).equals(read_samples(out))
+    # A csv's columns are text.
+    tsv = _write_tsv_gz(tmp_path / "c.tsv.gz", rows)
+    run_download(tsv, tmp_path / "out-tsv", cfg, progress=False)
+    t = pq.read_table(sorted((tmp_path / "out-tsv").glob("[0-9]*.parquet"))[0])
+    assert t.schema.field("WIDTH").type == pa.string() and t.column("WIDTH")[0].as_py() == "100"
+
+
+def test_a_missing_extra_column_fails_before_any_work(tmp_path):
+    path = tmp_path / "l.parquet"
+    pq.write_table(pa.Table.from_pylist(_refused_list(5)), path)
+    cfg = REFUSED.model_copy(update={"extra_columns": ["punsafe"]})
+    with pytest.raises(ConfigError, match=r"no column 'punsafe' \(download.extra_columns\); its columns are"):
+        run_download(path, tmp_path / "out", cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="name SAMPLE columns"):
+        DownloadConfig(extra_columns=["width"])
+
+
+def test_a_list_in_many_files_and_formats_downloads_to_the_same_rows(downloaded, tmp_path):
+    """The world's list as a Parquet part and a gzipped TSV part: the rows, uids and statuses of
+    the single-file download (shards do not span files, so shard numbers differ)."""
+    _, urls, full_out, _ = downloaded
+    table = pq.read_table(urls)
+    a = tmp_path / "part-0.parquet"
+    pq.write_table(table.slice(0, 100), a)
+    _write_tsv_gz(tmp_path / "part-1.tsv.gz", table.slice(100).select(["url", "caption"]).to_pylist())
+    out = tmp_path / "out"
+    summary = run_download(str(tmp_path / "part-*"), out, CFG, progress=False)
+    assert summary.rows_in == table.num_rows
+    cols = [c for c in S.SAMPLE.names if c not in ("shard", "image", "reason")]
+    assert read_samples(out).select(cols).equals(read_samples(full_out).select(cols))
+    assert summary.shards_total == 2 + -(-(table.num_rows - 100) // CFG.shard_size)
+    assert not (out / INPUTS_DIR).exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "text"),
+    [("http://x/1", "a"), ("http://x/\x1f", "b"), ("", "\x1f\x1f"), ("http://é/日本", "\ud800")],
+)
+def test_the_duplicate_pass_key_is_the_first_occurrence_uid(url, text):
+    from capfilt.stages.download.planner import first_uid
+
+    assert first_uid("src", url, text) == S.make_uid("src", url, text)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from capfilt.cli import app
 from capfilt.core.errors import ConfigError
 from capfilt.core.schema import WEB_PAIR
-from capfilt.io.urllist import read_url_list
+from capfilt.io.urllist import check_columns, expand_sources, infer_format, read_url_list
 
 ROWS = [
     {"URL": "http://h/1.jpg", "TEXT": "a red circle"},
@@ -170,3 +170,108 @@ def test_cli_help_lists_the_commands():
     assert result.exit_code == 0
     for cmd in ("download", "world", "run", "validate"):
         assert cmd in result.output
+
+
+# ------------------------------------------------------------- URL inputs of many files, compressed
+
+
+def _rows(n: int, start: int = 0) -> list[dict[str, str]]:
+    return [{"url": f"http://h/{i}.jpg", "caption": f"caption {i % 7}"} for i in range(start, start + n)]
+
+
+def _write_rows(path, rows, fmt, compression=None):
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
+    if fmt == "jsonl":
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    else:
+        sep = "," if fmt == "csv" else "\t"
+        data = (
+            "url" + sep + "caption\n" + "".join(f"{r['url']}{sep}{r['caption']}\n" for r in rows)
+        ).encode()
+    if compression:
+        codec = {"gz": "gzip", "bz2": "bz2", "zst": "zstd"}[compression]
+        with pa.CompressedOutputStream(str(path), codec) as f:
+            f.write(data)
+        return path
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["l.tsv.gz", "l.csv.zst", "l.jsonl.bz2", "l.csv.gz"])
+def test_a_compressed_list_reads_like_the_plain_one(tmp_path, name):
+    fmt, comp = name.split(".")[1:]
+    rows = _rows(50)
+    got = read_url_list(_write_rows(tmp_path / name, rows, fmt, comp), source="s")
+    ref = read_url_list(_write_rows(tmp_path / "ref.parquet", rows, "parquet"), source="s")
+    assert got.equals(ref)
+    assert infer_format(tmp_path / name) == (fmt, {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}[comp])
+
+
+def test_many_files_read_as_one_list_in_order(tmp_path):
+    """A list of files, a folder and a glob: the rows of the files in order, numbered across them."""
+    rows = _rows(30)
+    (tmp_path / "parts").mkdir()
+    a = _write_rows(tmp_path / "parts" / "a.parquet", rows[:10], "parquet")
+    b = _write_rows(tmp_path / "parts" / "b.tsv.gz", rows[10:25], "tsv", "gz")
+    c = _write_rows(tmp_path / "parts" / "c.jsonl", rows[25:], "jsonl")
+    (tmp_path / "parts" / "_SUCCESS").write_text("")  # bookkeeping files are not list files
+    ref = read_url_list(_write_rows(tmp_path / "all.parquet", rows, "parquet"), source="s")
+    for spec in ([a, b, c], [str(a), str(b), str(c)], tmp_path / "parts", str(tmp_path / "parts" / "*")):
+        got = read_url_list(spec, source="s")
+        assert got.equals(ref), spec
+    assert read_url_list(str(tmp_path / "parts" / "*.parquet"), source="s").equals(ref.slice(0, 10))
+    assert [s.path for s in expand_sources([c, a])] == [str(c), str(a)], "a list keeps its order"
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("nothing-*.parquet", "matches no file"),
+        ("empty-folder", "holds no list files"),
+        (["a.parquet", "a.parquet"], "more than once"),
+        (["a.parquet", "gone.csv"], "gone.csv does not exist"),
+        ("a.parquet.gz", "compresses itself"),
+    ],
+)
+def test_bad_url_inputs_fail_before_any_work(tmp_path, spec, match):
+    _write_rows(tmp_path / "a.parquet", _rows(3), "parquet")
+    (tmp_path / "a.parquet.gz").write_bytes(b"x")
+    (tmp_path / "empty-folder").mkdir()
+    spec = [str(tmp_path / s) for s in spec] if isinstance(spec, list) else str(tmp_path / spec)
+    with pytest.raises(ConfigError, match=match):
+        read_url_list(spec)
+
+
+def test_check_columns_names_a_missing_extra_column_and_type_disagreements(tmp_path):
+    a = tmp_path / "a.parquet"
+    b = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"url": ["http://h/1"], "caption": ["x"], "similarity": [0.5]}), a)
+    pq.write_table(pa.table({"url": ["http://h/2"], "caption": ["y"], "similarity": ["high"]}), b)
+    with pytest.raises(ConfigError, match=r"no column 'punsafe' \(download.extra_columns\)"):
+        check_columns(expand_sources(a), "url", "caption", ["punsafe"])
+    with pytest.raises(ConfigError, match="'similarity' is double in an earlier URL list file but string"):
+        check_columns(expand_sources([a, b]), "url", "caption", ["similarity"])
+    assert check_columns(expand_sources(a), "url", "caption", ["similarity"]) == {"similarity": pa.float64()}
+
+
+def test_cli_takes_many_lists_and_refuses_a_missing_extra_column_before_any_work(tmp_path):
+    a = _write_rows(tmp_path / "a.parquet", _rows(3), "parquet")
+    b = _write_rows(tmp_path / "b.tsv.gz", _rows(3, 3), "tsv", "gz")
+    out = tmp_path / "out"
+    args = [
+        "download",
+        "--urls",
+        str(a),
+        "--urls",
+        str(b),
+        "--out",
+        str(out),
+        "--extra-columns",
+        "[similarity]",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"URL list {a} has no column 'similarity' (download.extra_columns)" in result.output
+    assert not out.exists()

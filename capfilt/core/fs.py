@@ -236,14 +236,14 @@ class RemotePath:
         raise ValueError(f"mode {mode!r} is not supported on {self.uri}")
 
     def read_bytes(self) -> bytes:
-        with self.filesystem.open_input_stream(self.fs_path) as f:
+        with self.filesystem.open_input_stream(self.fs_path, compression=None) as f:
             return f.read()
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
 
     def write_bytes(self, data: bytes) -> int:
-        with self.filesystem.open_output_stream(self.fs_path) as f:
+        with self.filesystem.open_output_stream(self.fs_path, compression=None) as f:
             f.write(data)
         return len(data)
 

@@ -243,6 +243,12 @@ def calibrate_run(
     out: dict[str, Calibration] = {}
     for src in sources:
         part = joined.filter(pc.equal(joined.column("text_source"), src))
+        unscored = part.num_rows - part.filter(pc.is_valid(part.column("itm_score"))).num_rows
+        if unscored:  # an empty text or an undecodable image: dropped without a score, not calibrated
+            log.info(
+                "%d labelled %s row(s) were never scored (empty text or bad image); left out", unscored, src
+            )
+            part = part.filter(pc.is_valid(part.column("itm_score")))
         if part.num_rows == 0:
             log.info("no labelled %s rows: its threshold stays as it is", src)
             continue

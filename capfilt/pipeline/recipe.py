@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
     ValidationInfo,
     create_model,
@@ -28,12 +30,27 @@ from capfilt.stages import registry
 log = logging.getLogger(__name__)
 
 
+def _url_paths(value: Any) -> Any:
+    """A URL input as locations: one (a file, folder or glob) or a list of them."""
+    from capfilt.core import fs
+
+    if isinstance(value, (list, tuple)):
+        return [fs.location(str(v)) if isinstance(v, (str, Path)) else v for v in value]
+    return fs.location(str(value)) if isinstance(value, (str, Path)) else value
+
+
+def _url_paths_json(value: Any) -> Any:
+    return [str(v) for v in value] if isinstance(value, list) else str(value)
+
+
 class UrlListInput(BaseModel):
-    """A URL list the user brings instead of the shapes world."""
+    """A URL list the user brings instead of the shapes world: a file, a folder of list files, a
+    glob, or a list of those; local or object storage (``s3://...``); Parquet, CSV, TSV or JSON
+    lines, optionally .gz/.zst/.bz2 (capfilt.io.urllist)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    path: Path
+    path: Annotated[Any, BeforeValidator(_url_paths), PlainSerializer(_url_paths_json)]
     url_col: str = "url"
     caption_col: str | None = "caption"
     input_format: str | None = None
@@ -148,8 +165,14 @@ class Recipe(BaseModel):
             raise ValueError(
                 f"human: stages {sorted(needs_human)} without the shapes world need a 'human:' section"
             )
+        if self.urls is not None and check_paths:
+            from capfilt.io.urllist import expand_sources
+
+            try:
+                expand_sources(self.urls.path, self.urls.input_format)
+            except ConfigError as err:
+                raise ValueError(f"urls.path: {err}") from err
         for label, path in (
-            ("urls.path", self.urls.path if self.urls else None),
             ("human.karpathy_train", self.human.karpathy_train if self.human else None),
             ("human.karpathy_test", self.human.karpathy_test if self.human else None),
         ):

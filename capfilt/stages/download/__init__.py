@@ -19,6 +19,7 @@ from capfilt.stages.download.driver import (
     run_download,
     screen_rows,
 )
+from capfilt.stages.download.planner import PLAN_FILE
 
 __all__ = [
     "STAGE",
@@ -128,8 +129,10 @@ class DownloadStage(Stage):
         done = done_shards(d)
         pending = {int(p.stem) for p in (d / INPUTS_DIR).glob("*.parquet") if p.stem.isdigit()} - done
         summary = read_json(d / SUMMARY) if (d / SUMMARY).is_file() else {}
+        plan = d / INPUTS_DIR / PLAN_FILE
+        planned = len(read_json(plan).get("shards", [])) if plan.is_file() else 0
         st.shards_done = len(done)
-        st.shards_total = max(int(summary.get("shards_total", 0)), len(done | pending))
+        st.shards_total = max(int(summary.get("shards_total", 0)), len(done | pending), planned)
         st.shards_failed = {
             shard_name(int(k)): str(v)
             for k, v in (summary.get("shards_failed") or {}).items()

@@ -1,5 +1,8 @@
 """The download stage: web alt-text pairs in, Parquet shards of SAMPLE rows out, via img2dataset.
 
+The driver plans shards and runs the duplicate pass without holding rows (`planner`); each shard
+task reads its own rows, makes their uids, screens them and downloads them (`download_shard`).
+
 img2dataset does the fetching, decoding and resizing (its Downloader and Resizer, one shard at a
 time, in-process). capfilt owns what img2dataset's distributors do not do reliably: the stable uid,
 per-shard retry and concurrency on Ray, one output row per input row whatever happens, atomic
@@ -8,12 +11,11 @@ shard files and a stats file per shard that marks it done, so a rerun skips fini
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import re
 import shutil
+import tempfile
 import time
 import traceback
 import uuid
@@ -24,11 +26,12 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.feather as feather
-import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError, StageFailed
+from capfilt.core.fs import Location
 from capfilt.core.shards import (
     INPUTS_DIR,
     MANIFEST,
@@ -45,7 +48,21 @@ from capfilt.core.shards import (
 )
 from capfilt.io.imageguard import GuardedResizer
 from capfilt.io.netsafety import blocked_kind, blocked_reason, safe_urlopen
-from capfilt.io.urllist import read_url_list
+from capfilt.io.urllist import UrlSource, UrlSpec, check_columns, expand_sources
+from capfilt.stages.download.planner import (
+    Columns,
+    ShardPlan,
+    dedup_root,
+    fingerprint,
+    group_of,
+    load_plans,
+    plan_shards,
+    repeats_of,
+    run_dedup,
+    save_plans,
+    shard_text,
+    url_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +94,22 @@ class DownloadConfig(BaseModel):
     # (the shapes world's local server); "allow_private" also allows private networks. Link-local
     # (169.254.169.254) is refused under every policy.
     url_policy: Literal["public", "allow_loopback", "allow_private"] = "public"
+    # Input columns carried into every output shard after SAMPLE's own (img2dataset's
+    # save_additional_columns: LAION's similarity, punsafe, WIDTH, ...). csv/tsv columns are text.
+    extra_columns: list[str] = Field(default_factory=list)
+    # Rows per group of the duplicate pass (capfilt.stages.download.planner): one map task and
+    # one hash partition per group; a task holds about this many keys.
+    dedup_partition_rows: int = Field(1_000_000, ge=1)
+
+    @field_validator("extra_columns")
+    @classmethod
+    def _extra_names(cls, value: list[str]) -> list[str]:
+        taken = [c for c in value if c in S.SAMPLE.names]
+        if taken:
+            raise ValueError(f"{taken} name SAMPLE columns; carry other columns only")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value} names a column twice")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,14 +130,10 @@ def screen_rows(pairs: pa.Table) -> tuple[list[str | None], list[str | None]]:
         strict=True,
     ):
         url = (url or "").strip()
-        if not url:
+        problem = url_problem(url)
+        if problem is not None:
             status.append(S.INVALID_INPUT)
-            reason.append("url is empty")
-            continue
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme not in ("http", "https"):
-            status.append(S.INVALID_INPUT)
-            reason.append(f"unsupported url scheme {scheme!r}" if scheme else "url has no scheme")
+            reason.append(problem)
             continue
         key = (url, text or "")
         if key in first_uid:
@@ -191,10 +220,70 @@ def _run_img2dataset(todo: pa.Table, work_dir: Path, cfg: DownloadConfig) -> _Co
     return sink
 
 
+def shard_task(plan: ShardPlan, cols: Columns, out: Location, cfg: DownloadConfig) -> str:
+    """The `input_path` argument of download_shard for a planned shard (JSON)."""
+    return json.dumps(
+        {
+            "plan": plan.to_json(),
+            "url_col": cols.url_col,
+            "caption_col": cols.caption_col,
+            "extra_columns": list(cols.extra_columns),
+            "dedup": str(dedup_root(out)),
+            "group": group_of(plan.shard, cfg.shard_size, cfg.dedup_partition_rows),
+        }
+    )
+
+
+def _planned_pairs(task: dict[str, Any], source: str) -> pa.Table:
+    """A planned shard's rows as WEB_PAIR + pre_status/pre_reason + extra columns: read from the
+    URL list, uids with the global occurrence numbers and duplicates from the duplicate pass."""
+    plan = ShardPlan.from_json(task["plan"])
+    cols = Columns(task["url_col"], task["caption_col"], tuple(task["extra_columns"]))
+    text = shard_text(plan, cols)
+    repeats = repeats_of(task["dedup"], task["group"], plan.row0, plan.rows)
+    uids: list[str] = []
+    status: list[str | None] = []
+    reason: list[str | None] = []
+    urls = text.column("url").to_pylist()
+    for i, (url, caption) in enumerate(zip(urls, text.column("text").to_pylist(), strict=True)):
+        occurrence, dup_of = repeats.get(plan.row0 + i, (0, None))
+        uids.append(S.make_uid(source, url or "", caption, occurrence))
+        problem = url_problem((url or "").strip())
+        if problem is not None:
+            status.append(S.INVALID_INPUT)
+            reason.append(problem)
+        elif dup_of is not None:
+            status.append(S.DUPLICATE)
+            reason.append(f"same url and text as an earlier row (uid {dup_of})")
+        else:
+            status.append(None)
+            reason.append(None)
+    n = plan.rows
+    columns: dict[str, Any] = {
+        "uid": pa.array(uids, pa.string()),
+        "url": text.column("url"),
+        "text": text.column("text"),
+        "source": pa.array([source] * n, pa.string()),
+        "row": pa.array(range(plan.row0, plan.row0 + n), pa.int64()),
+        "pre_status": pa.array(status, pa.string()),
+        "pre_reason": pa.array(reason, pa.string()),
+    }
+    for c in cols.extra_columns:
+        columns[c] = text.column(c)
+    return pa.table(columns)
+
+
+_PAIR_COLUMNS = {*S.WEB_PAIR.names, "pre_status", "pre_reason"}
+
+
 def download_shard(
     shard: int, input_path: str, out_dir: str, cfg_json: str, attempt: int = 1
 ) -> dict[str, Any]:
     """Download one shard and write its Parquet file and then its stats file, both atomically.
+
+    `input_path` is a planned shard (the JSON of `shard_task`: the task reads its own rows from
+    the URL list), or a Parquet file of WEB_PAIR rows with pre_status/pre_reason (a shard
+    screened elsewhere). Columns beyond those are carried into the output after SAMPLE's.
 
     Every input row becomes exactly one SAMPLE row. A row that img2dataset dropped (it logs and
     skips rows whose processing raised) is written as failed_internal, never lost.
@@ -204,9 +293,12 @@ def download_shard(
     with a reason that starts with "blocked: "."""
     name = shard_name(shard)  # first: a shard id that is not a number never names a file
     cfg = DownloadConfig.model_validate_json(cfg_json)
-    out = Path(out_dir)
+    out = fs.location(out_dir)
     t0 = time.time()
-    pairs = pq.read_table(input_path)
+    if input_path.lstrip().startswith("{"):
+        pairs = _planned_pairs(json.loads(input_path), cfg.source)
+    else:
+        pairs = fs.read_parquet(input_path)
     status = pairs.column("pre_status").to_pylist()
     reason = pairs.column("pre_reason").to_pylist()
     fetch_idx = [i for i, s in enumerate(status) if s is None]
@@ -217,8 +309,12 @@ def download_shard(
             "uid": pairs.column("uid").take(fetch_idx),
         }
     )
-    work_dir = out / TMP_DIR / f"{name}-{uuid.uuid4().hex[:8]}"
-    work_dir.mkdir(parents=True, exist_ok=True)
+    # img2dataset works in a local folder: the output folder's _tmp/ when it is local.
+    if isinstance(out, Path):
+        work_dir = out / TMP_DIR / f"{name}-{uuid.uuid4().hex[:8]}"
+        work_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        work_dir = Path(tempfile.mkdtemp(prefix=f"capfilt-download-{name}-"))
     try:
         with safe_urlopen(cfg.url_policy):
             got = _run_img2dataset(todo, work_dir, cfg).rows
@@ -258,6 +354,7 @@ def download_shard(
             cols[k][i] = meta.get(k)
         cols["image"][i] = meta["image"] if meta["status"] == S.SUCCESS else None
 
+    extras = [f for f in pairs.schema if f.name not in _PAIR_COLUMNS]
     table = pa.Table.from_arrays(
         [
             pairs.column("uid"),
@@ -267,13 +364,13 @@ def download_shard(
             pairs.column("row"),
             pa.array([shard] * n, pa.int32()),
             *(pa.array(cols[f.name], f.type) for f in S.SAMPLE if f.name in cols),
+            *(pairs.column(f.name) for f in extras),
         ],
-        schema=S.SAMPLE,
+        schema=pa.schema([*S.SAMPLE, *extras]),
     )
     write_parquet_atomic(shard_path(out, shard), table)
     stats = shard_stats(table, shard, attempt, time.time() - t0)
     write_json_atomic(stats_path(out, shard), stats)  # last: marks the shard done
-    Path(input_path).unlink(missing_ok=True)
     return stats
 
 
@@ -352,26 +449,8 @@ class DownloadSummary:
         return out
 
 
-def _fingerprint(urls: Path, cfg: DownloadConfig, url_col: str, caption_col: str | None) -> dict[str, Any]:
-    """What makes an output folder reusable by a rerun: the same input file and shard layout."""
-    st = urls.stat()
-    h = hashlib.sha256()
-    with open(urls, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {
-        "stage": STAGE,
-        "input": str(urls.resolve()),
-        "input_sha256": h.hexdigest(),
-        "input_bytes": st.st_size,
-        "url_col": url_col,
-        "caption_col": caption_col,
-        "shard_size": cfg.shard_size,
-        "source": cfg.source,
-    }
-
-
-def _check_manifest(out: Path, fp: dict[str, Any], config: dict[str, Any]) -> None:
+def _check_manifest(out: Location, fp: dict[str, Any]) -> None:
+    """A ConfigError if `out` holds a download of another input or shard layout."""
     path = out / MANIFEST
     if path.exists():
         old = read_json(path)
@@ -381,12 +460,31 @@ def _check_manifest(out: Path, fp: dict[str, Any], config: dict[str, Any]) -> No
                 f"output folder {out} holds a download of a different input or shard layout "
                 f"(differs in {diff}); pass a new --out, or delete the folder to start again"
             )
-    write_json_atomic(path, {"fingerprint": fp, "config": config})
+
+
+def _plan(
+    sources: list[UrlSource], out: Location, cols: Columns, cfg: DownloadConfig, fp: dict[str, Any]
+) -> list[ShardPlan]:
+    """The shard plans: an earlier run's for the same input, else planned now. A bad input found
+    while planning removes what planning wrote (and `out` itself if it made it)."""
+    plans = load_plans(out, fp)
+    if plans is not None:
+        return plans
+    created = not out.exists()
+    try:
+        plans = plan_shards(sources, out, cols, cfg.shard_size)
+    except ConfigError:
+        fs.rmtree(out / INPUTS_DIR)
+        if created and isinstance(out, Path) and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    save_plans(out, fp, plans)
+    return plans
 
 
 def run_download(
-    urls: str | Path,
-    out_dir: str | Path,
+    urls: UrlSpec,
+    out_dir: str | Path | fs.RemotePath,
     cfg: DownloadConfig | None = None,
     url_col: str = "url",
     caption_col: str | None = "caption",
@@ -395,9 +493,14 @@ def run_download(
     progress: bool = True,
     max_shards: int | None = None,
 ) -> DownloadSummary:
-    """Download every row of a URL list into Parquet shards under `out_dir`, resuming if asked
-    again with the same input. `max_shards` stops after that many shards (a trial run; rerun to
-    finish)."""
+    """Download every row of a URL input (a file, folder, glob or list of them; local or on
+    object storage) into Parquet shards under `out_dir` (local or object storage), resuming if
+    asked again with the same input. `max_shards` stops after that many shards (a trial run;
+    rerun to finish).
+
+    The driver holds shard plans, never rows (capfilt.stages.download.planner): it reads list
+    metadata, streams non-indexed formats once into per-shard inputs, runs the duplicate pass
+    and then the shard tasks on Ray, and writes the summary from the shards' stats files."""
     import ray
     from tqdm import tqdm
 
@@ -405,38 +508,34 @@ def run_download(
 
     cfg = cfg or DownloadConfig()
     t0 = time.time()
-    urls, out = Path(urls), Path(out_dir)
-    pairs = read_url_list(
-        urls, url_col=url_col, caption_col=caption_col, source=cfg.source, input_format=input_format
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, _fingerprint(urls, cfg, url_col, caption_col), json.loads(cfg.model_dump_json()))
+    out = fs.location(out_dir)
+    sources = expand_sources(urls, input_format)
+    cols = Columns(url_col, caption_col, tuple(cfg.extra_columns))
+    check_columns(sources, url_col, caption_col, cfg.extra_columns)
+    fp = fingerprint(sources, cols, cfg.shard_size, cfg.source)
+    _check_manifest(out, fp)
+    plans = _plan(sources, out, cols, cfg, fp)
+    write_json_atomic(out / MANIFEST, {"fingerprint": fp, "config": json.loads(cfg.model_dump_json())})
 
-    status, reason = screen_rows(pairs)
-    pairs = pairs.append_column("pre_status", pa.array(status, pa.string())).append_column(
-        "pre_reason", pa.array(reason, pa.string())
-    )
-    n_shards = math.ceil(pairs.num_rows / cfg.shard_size)
+    n_shards = len(plans)
     already = done_shards(out)
     pending = [s for s in range(n_shards) if s not in already][:max_shards]
     log.info(
         "%d rows -> %d shards of %d (%d already done, %d to run)",
-        pairs.num_rows,
+        sum(p.rows for p in plans),
         n_shards,
         cfg.shard_size,
         len(already),
         len(pending),
     )
-    # Workers get shard paths, not data.
-    inputs = out / INPUTS_DIR
-    inputs.mkdir(exist_ok=True)
-    for s in pending:
-        pq.write_table(pairs.slice(s * cfg.shard_size, cfg.shard_size), inputs / f"{shard_name(s)}.parquet")
-    del pairs
 
     failed: dict[int, str] = {}
     if pending:
         ensure_ray(ray_address)
+        retries = cfg.max_attempts - 1
+        run_dedup(
+            plans, out, cols, cfg.source, cfg.shard_size, cfg.dedup_partition_rows, cfg.cpus_per_task, retries
+        )
         concurrency = cfg.concurrency or max(1, int(cluster_cpus() / cfg.cpus_per_task))
         remote = ray.remote(download_shard).options(num_cpus=cfg.cpus_per_task, max_retries=0)
         cfg_json = cfg.model_dump_json()
@@ -448,8 +547,8 @@ def run_download(
 
         def submit(s: int) -> None:
             attempts[s] += 1
-            path = str(inputs / f"{shard_name(s)}.parquet")
-            in_flight[remote.remote(s, path, str(out), cfg_json, attempts[s])] = s
+            task = shard_task(plans[s], cols, out, cfg)
+            in_flight[remote.remote(s, task, str(out), cfg_json, attempts[s])] = s
 
         while queue or in_flight:
             while queue and len(in_flight) < concurrency:
@@ -473,9 +572,11 @@ def run_download(
                     failed[s] = msg
                     bar.update(1)
         bar.close()
-    for leftover in (out / TMP_DIR, inputs):
-        if leftover.exists() and not any(leftover.iterdir()):
-            leftover.rmdir()
+    if len(done_shards(out)) == n_shards:
+        fs.rmtree(out / INPUTS_DIR)  # every shard is done: the plans and the duplicate pass go
+    tmp = out / TMP_DIR
+    if isinstance(tmp, Path) and tmp.exists() and not any(tmp.iterdir()):
+        tmp.rmdir()
 
     stats = read_shard_stats(out)
     status_counts: Counter[str] = Counter()
@@ -484,8 +585,7 @@ def run_download(
         status_counts.update(st["status_counts"])
         reason_counts.update(st["reason_counts"])
     summary = DownloadSummary(
-        rows_in=sum(st["rows_in"] for st in stats)
-        + sum(_rows_of(inputs / f"{shard_name(s)}.parquet") for s in failed),
+        rows_in=sum(st["rows_in"] for st in stats) + sum(plans[s].rows for s in failed),
         status_counts=dict(sorted(status_counts.items())),
         reason_counts=dict(reason_counts.most_common()),
         shards_total=n_shards,
@@ -521,15 +621,13 @@ def failure_reason(err: BaseException) -> str:
     return f"{type(cause).__name__}: {first}"[:500] if first else type(cause).__name__
 
 
-def _rows_of(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
-
-
-def read_samples(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All SAMPLE rows of a finished download folder, ordered by input row."""
-    out = Path(out_dir)
-    files = sorted(out.glob("[0-9]*.parquet"))
+def read_samples(out_dir: str | Path | fs.RemotePath, columns: list[str] | None = None) -> pa.Table:
+    """All SAMPLE rows of a finished download folder (local or remote), ordered by input row.
+    Extra input columns (DownloadConfig.extra_columns) are left out; read the shards for them."""
+    out = fs.location(out_dir)
+    shards: list[Location] = list(out.glob("[0-9]*.parquet"))
+    files = sorted(shards, key=str)
     if not files:
         return S.SAMPLE.empty_table() if columns is None else S.SAMPLE.empty_table().select(columns)
-    table = pa.concat_tables([pq.read_table(f, columns=columns, schema=S.SAMPLE) for f in files])
+    table = pa.concat_tables([fs.read_parquet(f, columns=columns, schema=S.SAMPLE) for f in files])
     return table.sort_by("row") if "row" in table.column_names else table
