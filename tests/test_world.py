@@ -15,9 +15,13 @@ from PIL import Image
 from pydantic import ValidationError
 
 from capfilt.world import (
+    ALL_COLOURS,
+    ALL_SHAPES,
+    BACKGROUNDS,
     BAD_KINDS,
     FAIL_KINDS,
     MARGIN,
+    SHAPES,
     Obj,
     Scene,
     WorldConfig,
@@ -253,3 +257,192 @@ def test_default_world_is_fast(tmp_path: Path) -> None:
     info = make_world(tmp_path, WorldConfig())
     assert info.counts["images"]["web"] >= 2000
     assert time.perf_counter() - t < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The world family.
+# ---------------------------------------------------------------------------------------------
+
+# Digests of make_world(MAIN_CONFIG)'s files as main wrote them before the family existed
+# (commit d1b8435, the project's Pillow and pyarrow): the default world must stay that world.
+# Tables are compared by content (a pyarrow upgrade may change Parquet bytes, not rows); the
+# labels by the columns main had (the family adds duplicate_of and duplicate_transform).
+MAIN_CONFIG = WorldConfig(seed=0, n_web=300, n_human=20, captions_per_human=4, n_test=30, image_size=48)
+MAIN_DIGESTS = {
+    "images": "44d5b0b7547c1cefc87074ab801e82d2faa647b80522effd97c35d2b2769796e",
+    "web": "3e8af2ff2a20d996b3b07c84d5f92d61f407fc5af84cf19e57e4f4fd78bffd56",
+    "labels": "2c7987fd21b0c4d8e12bfaca97e06f806a6517d1e66e98dd59123933d19e0bb2",
+    "scenes.jsonl": "d8c917ceadfd97d6771b75a67994e71fc3b56f0b171e371a40c89a1c6c434e7f",
+    "human/karpathy_train.json": "7f8d7fab0ddac97860a2f642f9c2f1dbbd27aeb36bec9a48505a2154ac254d7e",
+    "human/karpathy_test.json": "9d97e6a4f2cdd5593207e4b61d4e0abaf52917004c6d67e693949db75b6241c7",
+}
+MAIN_LABEL_COLUMNS = ["row", "path", "caption", "image_id", "label", "is_correct", "bad_kind", "expect"]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    import hashlib
+
+    images = hashlib.sha256()
+    for p in sorted((root / "images").rglob("*.jpg")) + sorted((root / "bad").iterdir()):
+        images.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    out = {"images": images.hexdigest()}
+    web = pq.read_table(root / "web.parquet").to_pylist()
+    out["web"] = hashlib.sha256(json.dumps(web).encode()).hexdigest()
+    labels = pq.read_table(root / "web_labels.parquet", columns=MAIN_LABEL_COLUMNS).to_pylist()
+    out["labels"] = hashlib.sha256(json.dumps(labels).encode()).hexdigest()
+    for name in ("scenes.jsonl", "human/karpathy_train.json", "human/karpathy_test.json"):
+        out[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()
+    return out
+
+
+def test_default_world_is_the_world_main_made(tmp_path: Path) -> None:
+    info = make_world(tmp_path, MAIN_CONFIG)
+    assert _digests(tmp_path) == MAIN_DIGESTS
+    assert "near_duplicates" not in info.counts
+    labels = pq.read_table(tmp_path / "web_labels.parquet")
+    assert labels.column("duplicate_of").null_count == labels.num_rows
+    assert WorldConfig.preset("default", **MAIN_CONFIG.model_dump()) == MAIN_CONFIG
+
+
+HARD_SMALL = WorldConfig.preset("hard", seed=5, n_web=400, n_human=15, captions_per_human=3, n_test=25)
+FAMILY = WorldConfig(
+    seed=6,
+    n_web=400,
+    n_human=10,
+    n_test=20,
+    image_size=40,
+    shapes=ALL_SHAPES,
+    colours=ALL_COLOURS,
+    backgrounds=BACKGROUNDS,
+    phrasing="varied",
+    noise="near_miss_heavy",
+)
+
+
+@pytest.fixture(scope="module", params=["hard", "family"])
+def family_world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp(f"world-{request.param}")
+    make_world(out, HARD_SMALL if request.param == "hard" else FAMILY)
+    return out
+
+
+def test_family_config_validation() -> None:
+    with pytest.raises(ValidationError, match="unknown shapes"):
+        WorldConfig(shapes=("circle", "blob"))
+    with pytest.raises(ValidationError, match="at least 2"):
+        WorldConfig(colours=("red",))
+    with pytest.raises(ValidationError, match="twice"):
+        WorldConfig(backgrounds=("flat", "flat"))
+    with pytest.raises(ValidationError, match="unknown noise preset"):
+        WorldConfig(noise="mostly_fine")
+    with pytest.raises(ValidationError):
+        WorldConfig(phrasing="poetic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown world preset"):
+        WorldConfig.preset("easy")
+    assert len(ALL_SHAPES) >= 6 and len(ALL_COLOURS) >= 8 and len(BACKGROUNDS) >= 3
+    hard = WorldConfig.preset("hard", n_web=10)
+    assert hard.n_web == 10 and len(hard.shapes) >= 5 and len(hard.colours) == 8
+    assert "flat" not in hard.backgrounds and hard.phrasing == "varied" and hard.image_size == 96
+    assert hard.noise["correct"] == pytest.approx(0.3)
+    assert hard.noise["near_miss"] == max(v for k, v in hard.noise.items() if k != "correct")
+
+
+def test_hard_recipe_is_the_hard_preset_at_the_demo_sizes() -> None:
+    from capfilt.pipeline.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    hard, demo = load_recipe(root / "hard.yaml"), load_recipe(root / "demo.yaml")
+    world, demo_world = hard.section("world"), demo.section("world")
+    sizes = {k: getattr(demo_world, k) for k in ("seed", "n_web", "n_human", "n_test")}
+    assert world == WorldConfig.preset("hard", **sizes)
+    # Everything else is the demo's.
+    others = {"name", "out", "world"}
+    assert hard.model_dump(exclude=others) == demo.model_dump(exclude=others)
+
+
+def test_family_world_draws_only_its_vocabulary_and_its_labels_are_true(family_world: Path) -> None:
+    world = load_world(family_world)
+    cfg = world.config
+    seen: dict[str, set[str]] = {"shape": set(), "colour": set(), "background": set()}
+    for scene in world.scenes.values():
+        seen["background"].add(scene.background)
+        for o in scene.objects:
+            seen["shape"].add(o.shape)
+            seen["colour"].add(o.colour)
+    # Every value the world lists is drawn, and nothing else.
+    assert seen == {"shape": set(cfg.shapes), "colour": set(cfg.colours), "background": set(cfg.backgrounds)}
+    rows = [r for r in world.labels.to_pylist() if r["label"] != "bad"]
+    counts = Counter(r["label"] for r in rows)
+    for label, share in cfg.noise.items():
+        assert abs(counts[label] / len(rows) - share) < 0.01, (label, counts)
+    for r in rows:
+        scene = world.scene_for_path(r["path"])
+        assert scene is not None
+        assert check_caption(scene, r["caption"]) is r["is_correct"], r
+    train = json.loads((family_world / "human" / "karpathy_train.json").read_text())
+    assert all(check_caption(world.scenes[e["image_id"]], e["caption"]) for e in train)
+    # Textured images decode at the configured size and are not flat.
+    for r in rows[:20]:
+        with Image.open(family_world / r["path"]) as img:
+            assert img.size == (cfg.image_size, cfg.image_size)
+
+
+def test_varied_phrasing_writes_more_kinds_of_text_than_plain(family_world: Path, world_dir: Path) -> None:
+    def first_words(root: Path, label: str) -> set[str]:
+        rows = load_world(root).labels.to_pylist()
+        return {" ".join(r["caption"].lower().split()[:2]) for r in rows if r["label"] == label}
+
+    # Per text, not per row: the family world has fewer correct rows than the default one.
+    assert len(first_words(family_world, "correct")) > len(first_words(world_dir, "correct"))
+    assert len(first_words(family_world, "weak")) > len(first_words(world_dir, "weak"))
+    captions = [r["caption"] for r in load_world(family_world).labels.to_pylist()]
+    assert any(c[:1].isupper() and not c.startswith(("IMG", "DSC", "Fig")) for c in captions)
+    assert any(w in c.split() for c in captions for w in ("rhombus", "disc", "disk", "violet", "tiny", "big"))
+
+
+def test_near_misses_use_the_new_attributes(family_world: Path) -> None:
+    from capfilt.world.checker import explain_caption
+
+    world = load_world(family_world)
+    reasons: list[str] = []
+    wrong_shapes: set[str] = set()
+    for r in world.labels.to_pylist():
+        if r["label"] != "near_miss":
+            continue
+        result = explain_caption(world.scenes[r["image_id"]], r["caption"])
+        reasons += result.reasons
+        wrong_shapes |= {m.shape for m in result.mentions if m.shape} - {
+            o.shape for o in world.scenes[r["image_id"]].objects
+        }
+    assert any("background is" in reason for reason in reasons)
+    new = set(world.config.shapes) - set(SHAPES)
+    assert wrong_shapes & new, "no near miss names a shape the default world lacks"
+
+
+@pytest.mark.parametrize("colour", ALL_COLOURS)
+@pytest.mark.parametrize("background", ["flat", "stripes", "checks"])
+def test_render_every_colour_on_every_background(colour: str, background: str) -> None:
+    from capfilt.world.render import PALETTE
+
+    img = render(Scene(f"c-{background}", (Obj("square", colour, "large", 0.5, 0.5),), background), 64)
+    centre = np.asarray(img)[28:36, 28:36].reshape(-1, 3).mean(0)
+    nearest = min(PALETTE, key=lambda c: float(np.abs(np.array(PALETTE[c]) - centre).sum()))
+    assert nearest == colour
+
+
+def test_render_new_shapes_are_distinct_and_textures_are_textured() -> None:
+    masks = {}
+    for shape in ALL_SHAPES:
+        a = np.asarray(render(Scene("s", (Obj(shape, "black", "large", 0.5, 0.5),)), 64)).astype(int)
+        masks[shape] = a.sum(axis=2) < 200  # the black object's pixels
+        assert masks[shape].sum() > 60, shape
+    for s, t in combinations(ALL_SHAPES, 2):
+        # Same place, same size: the silhouettes still differ in at least 40 pixels.
+        assert (masks[s] ^ masks[t]).sum() >= 40, (s, t)
+    for background in BACKGROUNDS:
+        pixels = np.asarray(render(Scene("t", (), background), 64)).astype(int)
+        assert pixels.min() >= 150  # light: no palette colour is lost in it
+        # Flat is one tint; a texture varies by at least 30 levels of brightness across the image.
+        brightness = pixels.sum(axis=2)
+        spread = int(brightness.max() - brightness.min())
+        assert (spread == 0) if background == "flat" else (spread >= 90), (background, spread)
