@@ -446,3 +446,89 @@ def test_render_new_shapes_are_distinct_and_textures_are_textured() -> None:
         brightness = pixels.sum(axis=2)
         spread = int(brightness.max() - brightness.min())
         assert (spread == 0) if background == "flat" else (spread >= 90), (background, spread)
+
+
+# ---------------------------------------------------------------------------------------------
+# Near-duplicates.
+# ---------------------------------------------------------------------------------------------
+
+DUPS = WorldConfig(seed=8, n_web=400, n_human=5, n_test=10, near_duplicate_rate=0.2, bad_rate=0.05)
+
+
+@pytest.fixture(scope="module")
+def dup_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dups")
+    make_world(out, DUPS)
+    return out
+
+
+def _thumb(path: Path, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """A 16 x 16 thumbnail, of the `box` of the image if given."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        return np.asarray(img.crop(box or (0, 0, *img.size)).resize((16, 16), Image.Resampling.BOX)).astype(
+            float
+        )
+
+
+def test_near_duplicates_at_the_rate_with_their_truth(dup_world: Path) -> None:
+    from capfilt.world import NEAR_DUPLICATE_TRANSFORMS
+
+    world = load_world(dup_world)
+    rows = world.labels.to_pylist()
+    dups = [r for r in rows if r["duplicate_of"] is not None]
+    assert len(dups) == round(DUPS.near_duplicate_rate * DUPS.n_web)
+    kinds = Counter(r["duplicate_transform"].split(":")[0] for r in dups)
+    assert set(kinds) == set(NEAR_DUPLICATE_TRANSFORMS) and max(kinds.values()) - min(kinds.values()) <= 1
+    assert world.counts["near_duplicates"] == dict(kinds)
+    for r in rows:
+        assert (r["duplicate_of"] is None) == (r["duplicate_transform"] is None)
+    for r in dups:
+        original = rows[r["duplicate_of"]]
+        assert r["label"] != "bad" and original["label"] != "bad" and original["duplicate_of"] is None
+        assert original["row"] < r["row"]
+        # Another URL and another alt-text, the same objects (a crop moves them, not their order).
+        assert r["path"] != original["path"] and r["caption"] != original["caption"]
+        a, b = world.scenes[r["image_id"]], world.scenes[original["image_id"]]
+        assert [o.kind for o in a.objects] == [o.kind for o in b.objects] and a.background == b.background
+        # Each row's label is true of what its image shows.
+        assert check_caption(a, r["caption"]) is r["is_correct"]
+
+
+def test_near_duplicate_images_differ_in_bytes_but_not_in_pixels(dup_world: Path) -> None:
+    world = load_world(dup_world)
+    rows = world.labels.to_pylist()
+    originals = [r for r in rows if r["label"] != "bad" and r["duplicate_of"] is None]
+    rng = random.Random(0)
+    for r in (r for r in rows if r["duplicate_of"] is not None):
+        kind, _, param = r["duplicate_transform"].partition(":")
+        original = rows[r["duplicate_of"]]
+        data, source = (dup_world / r["path"]).read_bytes(), (dup_world / original["path"]).read_bytes()
+        assert (data == source) == (kind == "exact"), r
+        with Image.open(dup_world / r["path"]) as img:
+            side = int(param) if kind == "resize" else DUPS.image_size
+            assert img.format == "JPEG" and img.size == (side, side)
+        box = None
+        if kind == "crop":
+            left, top, right, bottom = (int(v) for v in param.split(","))
+            box = (left, top, right, bottom)
+            cut = (DUPS.image_size - (right - left)) + (DUPS.image_size - (bottom - top))
+            assert 0 < cut <= 0.12 * 2 * DUPS.image_size  # slightly: at most 6% off each side
+        mine = _thumb(dup_world / r["path"])
+        # The same picture, seen through its transform: mean |difference| under 4 levels of 255
+        # on a thumbnail (two different web images differ by 5 at the least, 27 typically),
+        # and closer to its original than to any of 20 other web images, by a factor of 2.
+        near = np.abs(mine - _thumb(dup_world / original["path"], box)).mean()
+        strangers = [o for o in originals if o["row"] != original["row"]]
+        others = [np.abs(mine - _thumb(dup_world / o["path"])).mean() for o in rng.sample(strangers, 20)]
+        assert near < 4 and near < 0.5 * min(others), (r, near, min(others))
+
+
+def test_near_duplicates_leave_the_other_rows_alone(dup_world: Path, tmp_path: Path) -> None:
+    """With or without near-duplicates, the same rows are drawn and the mix is the configured one."""
+    make_world(tmp_path, DUPS.model_copy(update={"near_duplicate_rate": 0.0}))
+    plain = load_world(tmp_path).labels.to_pylist()
+    dups = load_world(dup_world).labels.to_pylist()
+    assert len(plain) == len(dups)
+    assert [r["label"] for r in plain] == [r["label"] for r in dups]
+    assert Counter(r["label"] for r in dups if r["label"] != "bad")["correct"] == round(0.55 * DUPS.n_web)
