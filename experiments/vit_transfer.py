@@ -6,16 +6,18 @@ unable to name the shapes of a world with others. This experiment trains the sta
 on a subset of the family's shapes and linear-probes shape on the shapes it held out:
 
 - ``random``: the untrained ViT (the same init), the probe's floor;
-- ``legacy_subset``: the stage as it was before the family (shape head only, the default world's
-  6 colours, flat backgrounds), on the training shapes;
+- ``legacy_subset``: the stage's ``default_world`` vocabulary (shape head only, the default
+  world's 6 colours, flat backgrounds), on the training shapes;
 - ``shape_head_broad_subset``: the shape head only, but every colour and background;
-- ``broad_subset``: the stage's new default (shape, colour, size and background heads, every
-  colour and background), on the training shapes only.
+- ``broad_subset``: the ``family`` vocabulary (shape, colour, size and background heads, every
+  colour and background), on the training shapes only;
+- ``broad_subset_flat``: the ``family_flat`` vocabulary (every colour, flat backgrounds, shape,
+  colour and size heads), on the training shapes only.
 
 And, for the stage's own default on the default world's shapes (must not be worse than before):
 
-- ``legacy_default``: the old default (``LEGACY``: 3 shapes, shape head, flat);
-- ``broad_default``: the new default (every shape, colour and background, four heads).
+- ``legacy_default``: ``default_world`` (3 shapes, shape head, flat), the stage's default;
+- ``broad_default``, ``broad_default_flat``: ``family`` and ``family_flat`` on every shape.
 
 Each trains ``--steps`` (the stage's 900) steps of 32, AdamW lr 5e-4, the stage's augmentation,
 then the frozen ViT's pre-logit [CLS] feature is probed (multinomial logistic regression, L-BFGS,
@@ -64,14 +66,15 @@ def variants() -> dict[str, dict[str, Any] | None]:
     """name -> VitInitConfig fields (steps aside), None for the untrained ViT."""
     from capfilt.stages.vit import LEGACY
 
-    legacy_subset = {**LEGACY, "shapes": TRAIN_SHAPES}
     return {
         "random": None,
-        "legacy_subset": legacy_subset,
-        "shape_head_broad_subset": {"shapes": TRAIN_SHAPES, "heads": ("shape",)},
-        "broad_subset": {"shapes": TRAIN_SHAPES},
+        "legacy_subset": {**LEGACY, "shapes": TRAIN_SHAPES},
+        "shape_head_broad_subset": {"vocabulary": "family", "shapes": TRAIN_SHAPES, "heads": ("shape",)},
+        "broad_subset": {"vocabulary": "family", "shapes": TRAIN_SHAPES},
+        "broad_subset_flat": {"vocabulary": "family_flat", "shapes": TRAIN_SHAPES},
         "legacy_default": dict(LEGACY),
-        "broad_default": {},
+        "broad_default": {"vocabulary": "family"},
+        "broad_default_flat": {"vocabulary": "family_flat"},
     }
 
 

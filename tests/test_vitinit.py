@@ -35,11 +35,11 @@ def test_classifier_trains_and_starts_the_pretraining_vit(
     from capfilt.world.scene import ALL_COLOURS, ALL_SHAPES, BACKGROUNDS
 
     monkeypatch.chdir(tmp_path)
-    cfg = VitInitConfig(steps=3, batch_size=4, held_out=30, log_every=1)
+    cfg = VitInitConfig(steps=3, batch_size=4, held_out=30, log_every=1, vocabulary="family")
     summary = train_vit_classifier(cfg, get_config("med-tiny"), "vit")
     # Absolute, as the stage hands it to training workers that run in another folder.
     assert summary["file"] == str(tmp_path.resolve() / "vit" / VIT_FILE)
-    # The default vocabulary is the whole family's, with a head per attribute.
+    # The family's vocabulary is every shape, colour and background, with a head per attribute.
     assert summary["steps"] == 3 and summary["classes"] == list(ALL_SHAPES)
     heads = {"shape": len(ALL_SHAPES), "colour": len(ALL_COLOURS), "size": 2, "background": len(BACKGROUNDS)}
     assert summary["heads"] == heads
@@ -100,7 +100,7 @@ def _held_out_accuracy(cfg: VitInitConfig, state: dict[str, torch.Tensor]) -> di
     from capfilt.world.render import render
 
     med = get_config("med-tiny")
-    vocab, classes = cfg.vocabulary(), cfg.classes()
+    vocab, classes = cfg.vocabulary_of(), cfg.classes()
     rng = random.Random(cfg.seed)
 
     def draw(n: int, prefix: str) -> list[Scene]:
@@ -124,17 +124,19 @@ def _held_out_accuracy(cfg: VitInitConfig, state: dict[str, torch.Tensor]) -> di
 
 
 def test_legacy_vocabulary_is_the_stage_before_the_family(tmp_path: Path) -> None:
-    """LEGACY trains what the stage trained before the family: the default world's scenes, from
-    the same stream, and one 3-way shape head."""
+    """The default (LEGACY) trains what the stage trained before the family: the default world's
+    scenes, from the same stream, and one 3-way shape head."""
     from capfilt.world.scene import COLOURS, SHAPES, SIZES, Obj
 
-    cfg = VitInitConfig(steps=2, batch_size=4, held_out=20, **LEGACY)
+    cfg = VitInitConfig(steps=2, batch_size=4, held_out=20)
+    assert cfg.classes() == VitInitConfig(**LEGACY).classes() == {"shape": SHAPES}
     summary = train_vit_classifier(cfg, get_config("med-tiny"), tmp_path / "vit")
     assert summary["classes"] == list(SHAPES) and summary["heads"] == {"shape": 3}
     assert load_file(summary["file"])["head.weight"].shape[0] == 3
     # The scenes are those the stage drew before: shape, colour, size, x, y from one stream.
     rng, old = random.Random(4), random.Random(4)
-    for scene in labelled_scenes(50, rng, "p", cfg.shapes, cfg.colours, cfg.backgrounds):
+    vocab = cfg.vocabulary_of()
+    for scene in labelled_scenes(50, rng, "p", vocab["shape"], vocab["colour"], vocab["background"]):
         obj = Obj(
             old.choice(SHAPES),
             old.choice(COLOURS),
@@ -146,9 +148,14 @@ def test_legacy_vocabulary_is_the_stage_before_the_family(tmp_path: Path) -> Non
 
 
 def test_vocabulary_validation() -> None:
+    from capfilt.world.scene import ALL_COLOURS, ALL_SHAPES, BACKGROUNDS
+
     with pytest.raises(ValidationError, match="'shape' included"):
         VitInitConfig(heads=("colour",))
     with pytest.raises(ValidationError, match="distinct values of the family"):
         VitInitConfig(shapes=("circle", "blob"))
-    cfg = VitInitConfig(shapes=("star", "ring"), heads=("size", "shape"))
+    cfg = VitInitConfig(vocabulary="family", shapes=("star", "ring"), heads=("size", "shape"))
     assert list(cfg.classes()) == ["shape", "size"] and cfg.classes()["shape"] == ("star", "ring")
+    assert cfg.vocabulary_of()["background"] == BACKGROUNDS
+    flat = VitInitConfig(vocabulary="family_flat").classes()
+    assert flat["shape"] == ALL_SHAPES and flat["colour"] == ALL_COLOURS and "background" not in flat
