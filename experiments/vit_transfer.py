@@ -30,6 +30,13 @@ set but ``train_shapes`` (1/5).
     python experiments/vit_transfer.py [--steps 900] [--threads 1] [--only broad_subset random]
 
 Results are merged into experiments/results/vit_transfer.json (one entry per variant).
+
+Measured (900 steps, seed 0, 2 shared cores under heavy load): held-out probe random 0.433,
+legacy_subset 0.633, broad_subset_flat 0.663 (flat: 0.507, 0.733, 0.767); on the default world's
+scenes the stage's own 3-way shape accuracy is legacy_default 0.92, broad_default_flat 0.59,
+broad_default 0.49. broad_subset and shape_head_broad_subset were not run for lack of time.
+The first three entries were written before the ``vocabulary`` field existed; their configs
+read as ``default_world`` and ``family``.
 """
 
 from __future__ import annotations

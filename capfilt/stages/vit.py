@@ -18,9 +18,11 @@ classify the shape of rendered one-object scenes, saved as a timm state dict tha
   world's 3 shapes, 6 colours and flat backgrounds, the shape head only, the same draws and
   weights as before. ``shapes``, ``colours``, ``backgrounds`` and ``heads`` override a
   vocabulary's. Counts and relations are left to image-text pretraining.
-- Why the default stays narrow, measured in ``experiments/vit_transfer.py`` (900 steps): the
-  ``family`` classifier learns colour (0.99) but not yet shape (0.20 of 8, 0.49 on the default
-  world's 3 against the narrow one's 0.92), so it would start the demo from worse shape features.
+- Why the default stays narrow, measured in ``experiments/vit_transfer.py`` (900 steps, one seed):
+  the ``family`` classifier learns colour (0.99) but not yet shape (0.20 of 8; 0.49 on the default
+  world's 3 against the narrow one's 0.92; ``family_flat`` 0.59), so it would start the demo from
+  worse shape features. On shapes held out of training, a broad classifier's features probe a
+  little better than a narrow one's (0.66 against 0.63, random 0.43): within one seed's noise.
 - Why it is needed, measured: trained from scratch for the demo's 900 steps, ITC and LM do not
   teach med-tiny's ViT shape, while a 3-way classifier on the same ViT learns it in about 500 steps
   (``experiments/shape_learning.py``). What the broad vocabulary buys on shapes it never saw:
