@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
 from capfilt.world import (
+    ALL_COLOURS,
+    ALL_SHAPES,
+    BACKGROUNDS,
+    PLAIN,
+    Language,
     Obj,
     Scene,
     check_caption,
@@ -221,3 +227,146 @@ def test_every_weak_or_spam_fails() -> None:
     for i in range(1000):
         text = weak_or_spam(rng)
         assert not check_caption(scenes[i % len(scenes)], text), text
+
+
+# ---------------------------------------------------------------------------------------------
+# The world family: new shapes, colours, synonyms, plurals, backgrounds and varied phrasing.
+# ---------------------------------------------------------------------------------------------
+
+# A large cyan cross left of and below a small brown diamond, a large black ring on the right,
+# in the middle; all on stripes.
+FAMILY = Scene(
+    "family",
+    (
+        Obj("cross", "cyan", "large", 0.2, 0.75),
+        Obj("diamond", "brown", "small", 0.45, 0.25),
+        Obj("ring", "black", "large", 0.8, 0.5),
+    ),
+    "stripes",
+)
+STARS = Scene(
+    "stars",
+    (Obj("star", "grey", "small", 0.25, 0.3), Obj("star", "grey", "large", 0.7, 0.7)),
+    "flat",
+)
+HEX = Scene("hex", (Obj("hexagon", "purple", "large", 0.5, 0.5),), "gradient")
+
+
+@pytest.mark.parametrize(
+    ("scene", "text", "expected"),
+    [
+        (FAMILY, "a cyan cross", True),
+        (FAMILY, "a large cyan cross left of a brown diamond", True),
+        (FAMILY, "a cyan cross below a small brown rhombus", True),
+        (FAMILY, "a black ring to the right of a cross", True),
+        (FAMILY, "A brown diamond higher than a black ring.", True),
+        (FAMILY, "a cyan cross lower than a brown diamond", True),
+        (FAMILY, "a cyan cross on a striped background", True),
+        (FAMILY, "a cyan cross on a textured background", True),
+        (FAMILY, "a black ring on a patterned white background", True),
+        (FAMILY, "three figures: a cyan cross, a brown diamond and a black ring", True),
+        (FAMILY, "one cyan cross", True),
+        (FAMILY, "a big cyan cross", True),
+        # false: wrong shape, colour, size, relation, count or background
+        (FAMILY, "a cyan diamond", False),
+        (FAMILY, "a brown cross", False),
+        (FAMILY, "a small cyan cross", False),
+        (FAMILY, "a cyan cross right of a brown diamond", False),
+        (FAMILY, "two cyan crosses", False),
+        (FAMILY, "a cyan cross and a black star", False),
+        (FAMILY, "a black ring and a hexagon", False),
+        (FAMILY, "a cyan cross on a plain background", False),
+        (FAMILY, "a cyan cross on a checkered background", False),
+        (FAMILY, "a grey ring", False),
+        (FAMILY, "a pink cross", False),
+        (STARS, "two grey stars", True),
+        (STARS, "there are two gray stars", True),
+        (STARS, "a small grey star above a large gray star", True),
+        (STARS, "a tiny grey star left of a huge grey star", True),
+        (STARS, "grey stars on a plain background", True),
+        (STARS, "three grey stars", False),
+        (STARS, "a single grey star", False),
+        (STARS, "a large grey star above a small grey star", False),
+        (STARS, "two grey stars on a speckled background", False),
+        (STARS, "a grey star on a textured background", False),
+        (HEX, "a violet hexagon", True),
+        (HEX, "a purple hexagon on a shaded background", True),
+        (HEX, "a purple hexagon on a gradient background", True),
+        (HEX, "a purple hexagon on a flat background", False),
+        (HEX, "a purple circle", False),
+        (HEX, "a purple disc", False),
+        (HEX, "two purple hexagons", False),
+        # "cross" and "rhombus" end in s but are one object, "crosses" two.
+        (FAMILY, "a cyan cross and a rhombus", True),
+        (FAMILY, "cyan crosses", False),
+    ],
+)
+def test_family_shapes_colours_and_backgrounds(scene: Scene, text: str, expected: bool) -> None:
+    assert check_caption(scene, text) is expected, explain_caption(scene, text).reasons
+
+
+def test_unknown_shape_words_are_claims_not_noise() -> None:
+    # Before the family, "star" was an unknown word and this caption passed on its red circle.
+    result = explain_caption(TWO, "a red circle and a star")
+    assert not result.ok and any("'a star'" in r for r in result.reasons)
+
+
+FAMILY_LANG = Language(ALL_SHAPES, ALL_COLOURS, "varied", BACKGROUNDS)
+
+
+def _family_scenes(n: int, seed: int) -> list[Scene]:
+    rng = random.Random(seed)
+    return [sample_scene(rng, f"f{i}", None, ALL_SHAPES, ALL_COLOURS, BACKGROUNDS) for i in range(n)]
+
+
+def test_every_varied_true_caption_of_the_family_passes() -> None:
+    rng = random.Random(11)
+    texts = set()
+    for scene in _family_scenes(400, seed=11):
+        for text in true_captions(scene, rng, 5, FAMILY_LANG):
+            result = explain_caption(scene, text)
+            assert result.ok, (scene, text, result.reasons)
+            texts.add(text)
+    words = {w for t in texts for w in t.lower().replace(".", " ").split()}
+    # The varied phrasing's forms are all there, so the loop above checked them.
+    for w in ("rhombus", "disc", "violet", "gray", "tiny", "huge", "higher", "beside", "striped", "textured"):
+        assert w in words, w
+
+
+def test_every_varied_near_miss_of_the_family_fails_for_one_reason() -> None:
+    rng = random.Random(12)
+    kinds: Counter[str] = Counter()
+    for scene in _family_scenes(400, seed=12):
+        for _ in range(3):
+            text = near_miss(scene, rng, FAMILY_LANG)
+            result = explain_caption(scene, text)
+            assert not result.ok, (scene, text)
+            reason = result.reasons[0]
+            kinds["background" if "background is" in reason else "other"] += 1
+            # A wrong shape or colour is one of the family's, never an unknown word.
+            for m in result.mentions:
+                assert m.shape is None or m.shape in ALL_SHAPES
+                assert m.colour is None or m.colour in ALL_COLOURS
+    assert kinds["background"] > 0 and kinds["other"] > kinds["background"]
+
+
+def test_every_varied_weak_text_fails() -> None:
+    rng = random.Random(13)
+    scenes = _family_scenes(50, seed=13)
+    seen = set()
+    for i in range(1500):
+        text = weak_or_spam(rng, FAMILY_LANG)
+        seen.add(text)
+        assert not check_caption(scenes[i % len(scenes)], text), text
+    assert any("shapes" in t for t in seen)
+
+
+def test_plain_language_is_the_default_worlds() -> None:
+    # The same draws give the same texts as before the family: PLAIN is what the old calls got.
+    for seed in range(20):
+        scene = sample_scene(random.Random(seed), "p")
+        a, b = random.Random(seed), random.Random(seed)
+        assert true_captions(scene, a, 3) == true_captions(scene, b, 3, PLAIN)
+        assert near_miss(scene, a) == near_miss(scene, b, PLAIN)
+    with pytest.raises(ValueError, match="unknown shape"):
+        Language(shapes=("circle", "blob"))

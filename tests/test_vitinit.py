@@ -13,26 +13,43 @@ from safetensors.torch import load_file
 from capfilt.core.errors import ConfigError
 from capfilt.model.config import get_config
 from capfilt.pipeline.recipe import load_recipe
-from capfilt.stages.vit import VIT_FILE, VitInitConfig, labelled_scenes, timm_vit, train_vit_classifier
+from capfilt.stages.vit import (
+    LEGACY,
+    VIT_FILE,
+    VitInitConfig,
+    head_logits,
+    labelled_scenes,
+    scene_labels,
+    timm_vit,
+    train_vit_classifier,
+)
 from capfilt.testing import one_torch_thread
 from capfilt.train.config import TrainConfig
 from capfilt.train.loop import build_med
+from capfilt.world.scene import Scene
 
 
 def test_classifier_trains_and_starts_the_pretraining_vit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from capfilt.world.scene import ALL_COLOURS, ALL_SHAPES, BACKGROUNDS
+
     monkeypatch.chdir(tmp_path)
-    cfg = VitInitConfig(steps=3, batch_size=4, held_out=30, log_every=1)
+    cfg = VitInitConfig(steps=3, batch_size=4, held_out=30, log_every=1, vocabulary="family")
     summary = train_vit_classifier(cfg, get_config("med-tiny"), "vit")
     # Absolute, as the stage hands it to training workers that run in another folder.
     assert summary["file"] == str(tmp_path.resolve() / "vit" / VIT_FILE)
-    assert summary["steps"] == 3 and summary["classes"] == ["circle", "square", "triangle"]
+    # The family's vocabulary is every shape, colour and background, with a head per attribute.
+    assert summary["steps"] == 3 and summary["classes"] == list(ALL_SHAPES)
+    heads = {"shape": len(ALL_SHAPES), "colour": len(ALL_COLOURS), "size": 2, "background": len(BACKGROUNDS)}
+    assert summary["heads"] == heads
     timm_state = load_file(summary["file"])
-    assert "head.weight" in timm_state and timm_state["head.weight"].shape[0] == 3
-    # The reported accuracy is the saved classifier's on the held-out scenes (drawn after the
-    # training batches from the seeded stream), by their true shape.
-    assert summary["held_out_accuracy"] == _held_out_accuracy(cfg, timm_state)
+    assert "head.weight" in timm_state and timm_state["head.weight"].shape[0] == sum(heads.values())
+    # The reported accuracies are the saved classifier's on the held-out scenes (drawn after the
+    # training batches from the seeded stream), by their true attributes, head by head.
+    assert summary["held_out_accuracy_by_head"] == _held_out_accuracy(cfg, timm_state)
+    assert summary["held_out_accuracy"] == summary["held_out_accuracy_by_head"]["shape"]
+    assert 0 <= summary["default_world_shape_accuracy"] <= 1
 
     train = {"data": ["unused"], "out_dir": str(tmp_path / "train"), "steps": 2, "warmup_steps": 1}
     torch.manual_seed(0)
@@ -77,22 +94,68 @@ def test_the_stages_default_training_learns_the_shapes(tmp_path: Path) -> None:
     assert summary["final_loss"] < 0.7 < summary["first_loss"]
 
 
-def _held_out_accuracy(cfg: VitInitConfig, state: dict[str, torch.Tensor]) -> float:
-    """The saved classifier's shape accuracy on the stage's held-out scenes, recomputed here."""
+def _held_out_accuracy(cfg: VitInitConfig, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The saved classifier's accuracy per head on the stage's held-out scenes, recomputed here."""
     from capfilt.model.transforms import test_transform
     from capfilt.world.render import render
-    from capfilt.world.scene import SHAPES
 
     med = get_config("med-tiny")
+    vocab, classes = cfg.vocabulary_of(), cfg.classes()
     rng = random.Random(cfg.seed)
+
+    def draw(n: int, prefix: str) -> list[Scene]:
+        return labelled_scenes(n, rng, prefix, vocab["shape"], vocab["colour"], vocab["background"])
+
     for step in range(1, cfg.steps + 1):
-        labelled_scenes(cfg.batch_size, rng, f"vit-{step}")
-    scenes = labelled_scenes(cfg.held_out, rng, "vit-held-out")
-    model = timm_vit(med, len(SHAPES))
+        draw(cfg.batch_size, f"vit-{step}")
+    scenes = draw(cfg.held_out, "vit-held-out")
+    model = timm_vit(med, sum(len(c) for c in classes.values()))
     model.load_state_dict(state)
     model.eval()
     size = med.vision.image_size
     pixels = torch.stack([test_transform(size)(render(s, size)) for s in scenes])
-    labels = torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes])
     with torch.no_grad():
-        return round(float((model(pixels).argmax(1) == labels).float().mean()), 4)
+        logits = head_logits(model(pixels), classes)
+    out = {}
+    for head, names in classes.items():
+        truth = torch.tensor([names.index(scene_labels(s)[head]) for s in scenes])
+        out[head] = round(float((logits[head].argmax(1) == truth).float().mean()), 4)
+    return out
+
+
+def test_legacy_vocabulary_is_the_stage_before_the_family(tmp_path: Path) -> None:
+    """The default (LEGACY) trains what the stage trained before the family: the default world's
+    scenes, from the same stream, and one 3-way shape head."""
+    from capfilt.world.scene import COLOURS, SHAPES, SIZES, Obj
+
+    cfg = VitInitConfig(steps=2, batch_size=4, held_out=20)
+    assert cfg.classes() == VitInitConfig(**LEGACY).classes() == {"shape": SHAPES}
+    summary = train_vit_classifier(cfg, get_config("med-tiny"), tmp_path / "vit")
+    assert summary["classes"] == list(SHAPES) and summary["heads"] == {"shape": 3}
+    assert load_file(summary["file"])["head.weight"].shape[0] == 3
+    # The scenes are those the stage drew before: shape, colour, size, x, y from one stream.
+    rng, old = random.Random(4), random.Random(4)
+    vocab = cfg.vocabulary_of()
+    for scene in labelled_scenes(50, rng, "p", vocab["shape"], vocab["colour"], vocab["background"]):
+        obj = Obj(
+            old.choice(SHAPES),
+            old.choice(COLOURS),
+            old.choice(SIZES),
+            old.uniform(0.25, 0.75),
+            old.uniform(0.25, 0.75),
+        )
+        assert scene.objects == (obj,) and scene.background == "flat"
+
+
+def test_vocabulary_validation() -> None:
+    from capfilt.world.scene import ALL_COLOURS, ALL_SHAPES, BACKGROUNDS
+
+    with pytest.raises(ValidationError, match="'shape' included"):
+        VitInitConfig(heads=("colour",))
+    with pytest.raises(ValidationError, match="distinct values of the family"):
+        VitInitConfig(shapes=("circle", "blob"))
+    cfg = VitInitConfig(vocabulary="family", shapes=("star", "ring"), heads=("size", "shape"))
+    assert list(cfg.classes()) == ["shape", "size"] and cfg.classes()["shape"] == ("star", "ring")
+    assert cfg.vocabulary_of()["background"] == BACKGROUNDS
+    flat = VitInitConfig(vocabulary="family_flat").classes()
+    assert flat["shape"] == ALL_SHAPES and flat["colour"] == ALL_COLOURS and "background" not in flat

@@ -1,6 +1,6 @@
 """The shapes world: a seeded synthetic dataset whose ground truth measures how well cleaning works."""
 
-from capfilt.world.captions import near_miss, true_captions, weak_or_spam
+from capfilt.world.captions import PLAIN, Language, near_miss, true_captions, weak_or_spam
 from capfilt.world.checker import CheckResult, Mention, StatedRelation, check_caption, explain_caption
 from capfilt.world.make import (
     BAD_KINDS,
@@ -8,7 +8,10 @@ from capfilt.world.make import (
     EXPECT,
     FAIL_KINDS,
     LABELS,
+    NEAR_DUPLICATE_TRANSFORMS,
     NOISE_LABELS,
+    NOISE_PRESETS,
+    WORLD_PRESETS,
     World,
     WorldConfig,
     WorldInfo,
@@ -16,10 +19,25 @@ from capfilt.world.make import (
     make_world,
 )
 from capfilt.world.render import render
-from capfilt.world.scene import COLOURS, MARGIN, SHAPES, SIZES, Obj, Scene, holds, sample_scene
+from capfilt.world.scene import (
+    ALL_COLOURS,
+    ALL_SHAPES,
+    BACKGROUNDS,
+    COLOURS,
+    MARGIN,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    holds,
+    sample_scene,
+)
 from capfilt.world.server import WorldServer, write_url_list
 
 __all__ = [
+    "ALL_COLOURS",
+    "ALL_SHAPES",
+    "BACKGROUNDS",
     "BAD_KINDS",
     "CAPTION_KINDS",
     "COLOURS",
@@ -27,10 +45,15 @@ __all__ = [
     "FAIL_KINDS",
     "LABELS",
     "MARGIN",
+    "NEAR_DUPLICATE_TRANSFORMS",
     "NOISE_LABELS",
+    "NOISE_PRESETS",
+    "PLAIN",
     "SHAPES",
     "SIZES",
+    "WORLD_PRESETS",
     "CheckResult",
+    "Language",
     "Mention",
     "Obj",
     "Scene",

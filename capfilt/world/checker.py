@@ -5,32 +5,45 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from capfilt.world.scene import COLOURS, SHAPES, Obj, Scene, holds
+from capfilt.world.scene import ALL_COLOURS, ALL_SHAPES, BACKGROUNDS, SIZES, Obj, Scene, holds
+from capfilt.world.words import (
+    BACKGROUND_WORDS,
+    COLOUR_SYNONYMS,
+    SHAPE_SYNONYMS,
+    SIZE_SYNONYMS,
+    TEXTURED_WORDS,
+    plural,
+)
 
 # ---------------------------------------------------------------------------------------------
-# Vocabulary. Words outside it are ignored, except where the rules below say otherwise.
+# Vocabulary: the whole family's, whichever world a scene comes from, so that "a red star" is a
+# claim about a star (false of a world without stars), not an unknown word to skip. Words outside
+# it are ignored, except where the rules below say otherwise.
 # ---------------------------------------------------------------------------------------------
 
 _SHAPE_WORDS: dict[str, str] = {}
-for _s in SHAPES:
-    _SHAPE_WORDS[_s] = _s
-    _SHAPE_WORDS[_s + "s"] = _s
-_SHAPE_WORDS.update({"disc": "circle", "discs": "circle", "disk": "circle", "disks": "circle"})
+_PLURALS: set[str] = set()
+for _s in ALL_SHAPES:
+    for _w in (_s, *SHAPE_SYNONYMS.get(_s, ())):
+        _SHAPE_WORDS[_w] = _SHAPE_WORDS[plural(_w)] = _s
+        _PLURALS.add(plural(_w))  # by construction: "cross" and "rhombus" end in s and are singular
 
 # Nouns that name an object without saying which shape it is: "two shapes", "a red object".
-_GENERIC_NOUNS = {"shape", "object", "thing", "figure", "item"}
-_GENERIC_NOUNS |= {w + "s" for w in _GENERIC_NOUNS}
-_PLURALS = {w for w in (*_SHAPE_WORDS, *_GENERIC_NOUNS) if w.endswith("s")}
+_GENERIC_SINGULAR = ("shape", "object", "thing", "figure", "item")
+_GENERIC_NOUNS = {*_GENERIC_SINGULAR, *(plural(w) for w in _GENERIC_SINGULAR)}
+_PLURALS |= {plural(w) for w in _GENERIC_SINGULAR}
 
-# Colours outside the world's palette are kept as colours: "a pink circle" is a claim that is
+# Colours outside the family's palette are kept as colours: "a pink circle" is a claim that is
 # false of every scene, not an unknown word to skip.
-_OTHER_COLOURS = {"pink", "black", "white", "grey", "gray", "brown", "cyan", "magenta", "teal", "navy"}
-_OTHER_COLOURS |= {"gold", "golden", "silver", "beige", "turquoise", "maroon", "lime", "indigo"}
-_COLOUR_WORDS: dict[str, str] = {c: c for c in (*COLOURS, *sorted(_OTHER_COLOURS))}
-_COLOUR_WORDS["violet"] = "purple"
+_OTHER_COLOURS = {"pink", "white", "magenta", "teal", "navy", "gold", "golden", "silver", "beige"}
+_OTHER_COLOURS |= {"turquoise", "maroon", "lime", "indigo"}
+_COLOUR_WORDS: dict[str, str] = {c: c for c in (*ALL_COLOURS, *sorted(_OTHER_COLOURS))}
+for _c, _ws in COLOUR_SYNONYMS.items():
+    _COLOUR_WORDS.update(dict.fromkeys(_ws, _c))
 
-_SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small"}
-_SIZE_WORDS |= {"large": "large", "big": "large", "huge": "large"}
+_SIZE_WORDS = {s: s for s in SIZES}
+for _z, _ws in SIZE_SYNONYMS.items():
+    _SIZE_WORDS.update(dict.fromkeys(_ws, _z))
 
 # (count, exact). Articles and demonstratives claim at least one; numerals claim exactly that many.
 _DETERMINERS: dict[str, tuple[int, bool]] = {w: (1, False) for w in ("a", "an", "the", "this", "that")}
@@ -44,6 +57,11 @@ _NP_FILLER = {"coloured", "colored", "shaped"}
 
 # A noun whose adjectives describe the picture, not an object: "on a white background".
 _IGNORED_NOUNS = {"background", "backdrop", "canvas"}
+# ...except for what it says of the kind of background: "a plain background", "a striped one".
+_BACKGROUND_KINDS: dict[str, frozenset[str]] = {
+    w: frozenset({kind}) for kind, words in BACKGROUND_WORDS.items() for w in words
+}
+_BACKGROUND_KINDS |= {w: frozenset(BACKGROUNDS) - {"flat"} for w in TEXTURED_WORDS}
 
 _NEGATIONS = {"no", "not", "without", "never", "none", "nothing", "neither", "nor", "isn't", "aren't"}
 _NEGATIONS |= {"doesn't", "don't", "cannot", "can't", "absent", "missing"}
@@ -113,7 +131,7 @@ class Mention:
     @property
     def named(self) -> bool:
         """Named by colour AND shape, as every true caption must name at least one object."""
-        return self.shape is not None and self.colour in COLOURS
+        return self.shape is not None and self.colour in ALL_COLOURS
 
 
 @dataclass
@@ -150,6 +168,8 @@ class _Parse:
     # (relation, phrase text, token index, sentence, object mention index or -1 for a pronoun)
     pending: list[tuple[str, str, int, int, int]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # (phrase, the background kinds it allows): "plain background" -> {"flat"}
+    backgrounds: list[tuple[str, frozenset[str]]] = field(default_factory=list)
 
 
 def _parse_np(p: _Parse, i: int, sentence: int) -> tuple[int, Mention | None]:
@@ -184,8 +204,8 @@ def _parse_np(p: _Parse, i: int, sentence: int) -> tuple[int, Mention | None]:
         if colours or sizes:
             _dangling(p, start, adj_start, i, colours, sizes)
         return max(i, start + 1), None
-    plural = noun in _PLURALS
-    if plural and not exact and count == 1:
+    is_plural = noun in _PLURALS
+    if is_plural and not exact and count == 1:
         count = 2  # "red circles": at least two
     m = Mention(
         text=" ".join(toks[start : i + 1]),
@@ -228,8 +248,28 @@ def _dangling(p: _Parse, start: int, adj_start: int, end: int, colours: list[str
         p.problems.append(f"colour word(s) '{words}' name no shape")
 
 
+def _background_claims(p: _Parse) -> None:
+    """What the text says of the background: the kind words just before a background noun,
+    colour words between them skipped ("a plain white background")."""
+    toks = p.tokens
+    for k, tok in enumerate(toks):
+        if tok not in _IGNORED_NOUNS:
+            continue
+        j = k - 1
+        while j >= 0 and toks[j] in _COLOUR_WORDS:
+            j -= 1
+        allowed: frozenset[str] | None = None
+        while j >= 0 and toks[j] in _BACKGROUND_KINDS:
+            kinds = _BACKGROUND_KINDS[toks[j]]
+            allowed = kinds if allowed is None else allowed & kinds
+            j -= 1
+        if allowed is not None:
+            p.backgrounds.append((" ".join(toks[j + 1 : k + 1]), allowed))
+
+
 def _parse(text: str) -> _Parse:
     p = _Parse(tokenize(text))
+    _background_claims(p)
     toks = p.tokens
     sentence = 0
     i = 0
@@ -335,6 +375,9 @@ def explain_caption(scene: Scene, text: str) -> CheckResult:
         s, o = p.mentions[r.subject], p.mentions[r.object]
         if not _relation_holds(scene, s, r.relation, o):
             reasons.append(f"'{s.text}' is not {r.text}")
+    for phrase, allowed in p.backgrounds:
+        if scene.background not in allowed:
+            reasons.append(f"'{phrase}': the background is {scene.background}")
     if not any(m.named for m in p.mentions):
         reasons.append("no object is named by both colour and shape")
     reasons = list(dict.fromkeys(reasons))  # a phrase re-read after a relation reports once
