@@ -232,7 +232,7 @@ class RemotePath:
             return raw if mode == "rb" else io.TextIOWrapper(raw, encoding=encoding or "utf-8")  # type: ignore[arg-type]
         if mode in ("w", "wt", "wb"):
             upload = _Upload(self)
-            return upload if mode == "wb" else io.TextIOWrapper(upload, encoding=encoding or "utf-8")
+            return upload if mode == "wb" else _TextUpload(upload, encoding=encoding or "utf-8")
         raise ValueError(f"mode {mode!r} is not supported on {self.uri}")
 
     def read_bytes(self) -> bytes:
@@ -283,6 +283,16 @@ class _Upload(io.BytesIO):
             if not self._failed:
                 self._target.write_bytes(self.getvalue())
             super().close()
+
+
+class _TextUpload(io.TextIOWrapper):
+    """Text mode over an ``_Upload``: an error inside the ``with`` block uploads nothing either
+    (``TextIOWrapper.__exit__`` would close, and so upload, the half-written buffer)."""
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is not None:
+            self.buffer._failed = True  # type: ignore[attr-defined]
+        self.close()
 
 
 Location = Path | RemotePath
@@ -361,7 +371,9 @@ def read_json(path: Location | str) -> Any:
 def rmtree(path: Location) -> None:
     """Delete a folder and everything under it; nothing if it is not there."""
     if isinstance(path, RemotePath):
-        if path.exists():
+        if not path.key:  # a bucket's root: empty it, never delete the bucket itself
+            path.filesystem.delete_dir_contents(path.fs_path, missing_dir_ok=True)
+        elif path.exists():
             path.filesystem.delete_dir(path.fs_path)
         return
     shutil.rmtree(path, ignore_errors=True)
@@ -370,31 +382,49 @@ def rmtree(path: Location) -> None:
 def local_copy(value: str | os.PathLike[str] | RemotePath, cache: Path | None = None) -> Path:
     """A local path for a file or folder (a checkpoint, a tokenizer) that must be opened by code
     that only reads local disk (transformers' ``from_pretrained``, ``torch.load``). Local paths
-    are returned as they are; remote ones are copied once into ``cache`` (default
-    ``$CAPFILT_CACHE`` or ``~/.cache/capfilt``), keyed by their URI."""
+    are returned as they are; remote ones are copied into ``cache`` (default ``$CAPFILT_CACHE``
+    or ``~/.cache/capfilt``), keyed by their URI and by the size and time of every object under
+    it (one listing), so a checkpoint uploaded again under the same name is fetched again, and
+    an unchanged one is copied once per machine. Processes that race for the same copy each make
+    their own and the first rename wins."""
+    import hashlib
+
     loc = location(value)
     if isinstance(loc, Path):
         return loc
+    info = loc._info()
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{loc.uri} does not exist")
+    is_dir = info.type == pafs.FileType.Directory
+    if is_dir:
+        listing = loc.filesystem.get_file_info(pafs.FileSelector(loc.fs_path, recursive=True))
+    else:
+        listing = [info]
+    stamp = sorted((i.path, i.size, i.mtime_ns) for i in listing if i.type == pafs.FileType.File)
+    digest = hashlib.sha256(json.dumps([loc.uri, stamp], default=str).encode()).hexdigest()[:16]
     root = cache or Path(os.environ.get("CAPFILT_CACHE", Path.home() / ".cache" / "capfilt"))
-    import hashlib
-
-    dest = root / "remote" / hashlib.sha256(loc.uri.encode()).hexdigest()[:16] / (loc.name or "root")
+    dest = root / "remote" / digest / (loc.name or loc.netloc)
     done = dest.parent / ".complete"
     if done.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if not loc.exists():
-        raise FileNotFoundError(f"{loc.uri} does not exist")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".partial-"))
-    target = tmp if loc.is_dir() else tmp / loc.name
-    pafs.copy_files(
-        loc.fs_path,
-        str(target),
-        source_filesystem=loc.filesystem,
-        destination_filesystem=pafs.LocalFileSystem(),
-    )
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(target, dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-    done.touch()
+    try:
+        target = tmp / "copy"
+        if is_dir:
+            target.mkdir()
+        pafs.copy_files(
+            loc.fs_path,
+            str(target),
+            source_filesystem=loc.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+        try:
+            os.replace(target, dest)
+        except OSError:
+            if not dest.exists():  # not another process's finished copy: a real error
+                raise
+        done.touch()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
