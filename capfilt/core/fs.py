@@ -32,13 +32,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Annotated, Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 
 __all__ = [
     "Location",
+    "PathOrURI",
     "RemotePath",
     "arrow",
     "is_remote",
@@ -306,6 +308,23 @@ def location(value: str | os.PathLike[str] | RemotePath) -> Location:
     if text.startswith("file://"):
         return Path(urlsplit(text).path)
     return RemotePath(text) if is_uri(text) else Path(text)
+
+
+def _validate_location(value: Any) -> Location:
+    if not isinstance(value, (str, os.PathLike, RemotePath)):
+        raise ValueError(f"expected a path or a URI (s3://bucket/key), got {type(value).__name__}")
+    return location(value)
+
+
+#: A config field that names a file or folder: a local path or a URI, parsed by ``location``
+#: (``Path`` or ``RemotePath``); it dumps to JSON as the string it was given, so a local path's
+#: stage key is what it was when the field was a ``Path``.
+PathOrURI = Annotated[
+    Location,
+    PlainValidator(_validate_location),
+    PlainSerializer(str, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "description": "a local path or a URI (s3://bucket/key)"}),
+]
 
 
 def arrow(value: str | os.PathLike[str] | RemotePath) -> tuple[str, pafs.FileSystem | None]:
