@@ -30,8 +30,8 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
 from typing import IO, Annotated, Any
 from urllib.parse import urlsplit
 
@@ -43,11 +43,13 @@ __all__ = [
     "PathOrURI",
     "RemotePath",
     "arrow",
+    "files_exist",
     "is_remote",
     "is_uri",
     "local_copy",
     "location",
     "parquet_file",
+    "put",
     "read_json",
     "read_parquet",
     "read_schema",
@@ -162,6 +164,18 @@ class RemotePath:
     def with_suffix(self, suffix: str) -> RemotePath:
         return self.parent / (self.stem + suffix)
 
+    def relative_to(self, other: str | os.PathLike[str] | RemotePath) -> PurePosixPath:
+        """The key below ``other`` (a folder of the same bucket), as ``Path.relative_to`` gives it."""
+        base = location(other)
+        inside = (
+            isinstance(base, RemotePath)
+            and (self.scheme, self.netloc) == (base.scheme, base.netloc)
+            and (not base.key or self.key == base.key or self.key.startswith(base.key + "/"))
+        )
+        if not inside or not isinstance(base, RemotePath):
+            raise ValueError(f"{self.uri} is not inside {base}")
+        return PurePosixPath(self.key[len(base.key) :].lstrip("/") or ".")
+
     def resolve(self) -> RemotePath:
         return self
 
@@ -238,14 +252,14 @@ class RemotePath:
         raise ValueError(f"mode {mode!r} is not supported on {self.uri}")
 
     def read_bytes(self) -> bytes:
-        with self.filesystem.open_input_stream(self.fs_path) as f:
+        with self.filesystem.open_input_stream(self.fs_path, compression=None) as f:
             return f.read()
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
 
     def write_bytes(self, data: bytes) -> int:
-        with self.filesystem.open_output_stream(self.fs_path) as f:
+        with self.filesystem.open_output_stream(self.fs_path, compression=None) as f:
             f.write(data)
         return len(data)
 
@@ -360,6 +374,24 @@ def parquet_file(value: str | os.PathLike[str] | RemotePath) -> Any:
     return pq.ParquetFile(loc)
 
 
+def files_exist(paths: Iterable[str | os.PathLike[str] | RemotePath]) -> list[bool]:
+    """Whether each path is a file: a stat each on a local disk; on object storage one listing per
+    folder the paths are in, not a request per path (a Karpathy JSON names thousands of images)."""
+    listed: dict[RemotePath, set[str]] = {}
+    out = []
+    for p in paths:
+        loc = location(p)
+        if isinstance(loc, Path):
+            out.append(loc.is_file())
+            continue
+        folder = loc.parent
+        if folder not in listed:
+            infos = folder.filesystem.get_file_info(pafs.FileSelector(folder.fs_path, allow_not_found=True))
+            listed[folder] = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+        out.append(loc.name in listed[folder])
+    return out
+
+
 def write_atomic(path: Location, data: bytes) -> None:
     """Write ``data`` so that a reader sees the whole file or no file: temp file and rename on a
     local disk, one put on an object store."""
@@ -396,6 +428,27 @@ def rmtree(path: Location) -> None:
             path.filesystem.delete_dir(path.fs_path)
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+def put(local: Path, dest: Location) -> Location:
+    """Copy a local file or folder (a model export, a report) to ``dest``, local or remote, and
+    return ``dest``. Each object is uploaded whole; a folder's files appear one by one, so write
+    a done marker after ``put`` where a reader must see the folder complete."""
+    if isinstance(dest, Path):
+        if local.resolve() != dest.resolve():
+            if local.is_dir():
+                shutil.copytree(local, dest, dirs_exist_ok=True)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(local, dest)
+        return dest
+    pafs.copy_files(
+        str(local),
+        dest.fs_path,
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=dest.filesystem,
+    )
+    return dest
 
 
 def local_copy(value: str | os.PathLike[str] | RemotePath, cache: Path | None = None) -> Path:

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from capfilt.core.stage import Section, Stage, StageContext, StageStatus, readable
+from capfilt.core import fs
+from capfilt.core.stage import Section, Stage, StageContext, StageDir, StageStatus, readable
 
 if TYPE_CHECKING:
     from torch import nn
@@ -94,9 +95,12 @@ def labelled_scenes(n: int, rng: random.Random, prefix: str) -> list[Any]:
     ]
 
 
-def train_vit_classifier(cfg: VitInitConfig, med_config: MedConfig, out_dir: str | Path) -> dict[str, Any]:
+def train_vit_classifier(cfg: VitInitConfig, med_config: MedConfig, out_dir: StageDir) -> dict[str, Any]:
     """Train the classifier and write ``out_dir/vit.safetensors`` (timm keys, head included; the
-    loader drops the head). Returns the stage's summary: steps, losses, held-out accuracy, file."""
+    loader drops the head; a folder on object storage gets it uploaded). Returns the stage's
+    summary: steps, losses, held-out accuracy, file."""
+    import tempfile
+
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
@@ -105,7 +109,7 @@ def train_vit_classifier(cfg: VitInitConfig, med_config: MedConfig, out_dir: str
     from capfilt.world.render import render
     from capfilt.world.scene import SHAPES
 
-    out = Path(out_dir).resolve()  # absolute: training workers do not run in the driver's folder
+    out = fs.location(out_dir).resolve()  # absolute: training workers do not run in the driver's folder
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -140,7 +144,10 @@ def train_vit_classifier(cfg: VitInitConfig, med_config: MedConfig, out_dir: str
             "vit: held-out shape accuracy %.3f on %d scenes (chance %.3f)", accuracy, cfg.held_out, 1 / 3
         )
     path = out / VIT_FILE
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with tempfile.TemporaryDirectory(prefix="capfilt-vit-") as tmp:
+        local = path if isinstance(path, Path) else Path(tmp) / VIT_FILE
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(local))
+        fs.put(local, path)
     window = losses[-min(100, len(losses)) :]
     return {
         "file": str(path),
@@ -196,7 +203,7 @@ class VitStage(Stage):
     def report(self, result: Mapping[str, Any]) -> Mapping[str, Any] | None:
         return dict(result)
 
-    def status(self, d: Path, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
+    def status(self, d: StageDir, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
         if result:
             st.progress = f"held-out shape accuracy {readable(result.get('held_out_accuracy'))}"
         return st
