@@ -207,3 +207,29 @@ def test_training_writes_and_resumes_its_checkpoints_on_s3(
     assert med.heads >= {"itc", "itm", "lm"}
     assert json.loads((root / "model" / "capfilt_med.json").read_text())["heads"] == sorted(med.heads)
     _no_local_uri_folder(tmp_path)
+
+
+def test_checkpoints_and_tokenizers_resolve_from_s3(
+    bucket: str, remote_models: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver checks a remote checkpoint through its own cache, but what it hands the actors
+    (ModelRef) and what its messages name is the URI."""
+    from capfilt.core.errors import ConfigError
+    from capfilt.model.checkpoint import check_role
+    from capfilt.model.tokenizer import find_tokenizer, load_tokenizer
+    from capfilt.stages.capfilt.config import CapFiltConfig
+    from capfilt.stages.capfilt.models import load_model, resolve_model
+
+    monkeypatch.setenv("CAPFILT_CACHE", str(tmp_path / "cache"))
+    ref = resolve_model(remote_models["captioner"], "captioner")
+    assert (ref.path, ref.tokenizer) == (remote_models["captioner"], remote_models["captioner"])
+    assert ref.model_id.startswith("captioner-")
+    assert str(find_tokenizer(remote_models["filter"])) == remote_models["filter"]
+    assert load_tokenizer(remote_models["filter"]).vocab_size > 0
+    assert "lm" in load_model(ref, "captioner", CapFiltConfig()).heads
+    copies = sorted(p.name for p in (tmp_path / "cache" / "remote").glob("*/*") if not p.name.startswith("."))
+    assert copies == ["captioner", "filter"]  # one copy each, however many readers
+    with pytest.raises(ConfigError, match=rf"--captioner {remote_models['filter']} holds"):
+        check_role(remote_models["filter"], "captioner", label="--captioner")
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_role(f"{bucket}/models/nope", "filter")
