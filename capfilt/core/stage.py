@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
-#: A stage's folder: a ``capfilt.core.fs.Location`` (a local Path, or a RemotePath when the run folder is on object
-#: storage). Typed Any while some stage drivers still annotate their folders as ``str | Path``;
-#: tighten to ``Location`` once every driver takes one.
+#: A stage's folder: a ``capfilt.core.fs.Location`` (a local Path, or a RemotePath when the run
+#: folder is on object storage). Typed Any while some stage drivers still annotate their folders
+#: as ``str | Path``; tighten to ``Location`` once every driver takes one.
 StageDir = Any
 
 if TYPE_CHECKING:

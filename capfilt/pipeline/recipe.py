@@ -125,9 +125,8 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    out: (
-        PathOrURI  # the run folder (a local path or s3://bucket/prefix); each stage writes its own sub-folder
-    )
+    # The run folder, a local path or a URI (s3://bucket/runs/x); each stage writes a sub-folder.
+    out: PathOrURI
     stages: list[str] = Field(default_factory=lambda: list(registry.names()))
     ray_address: str | None = None
     urls: UrlListInput | None = None
