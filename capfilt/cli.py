@@ -338,19 +338,80 @@ def capfilt_cmd(
     _print_block("capfilt summary", summary.lines())
 
 
-@app.command()
-def rethreshold(
+def _reselect(
     run: Annotated[Path, typer.Option(help="A run folder written by `capfilt capfilt`.")],
-    threshold: Annotated[float, typer.Option(help="Keep a text when its ITM p(match) >= this.")],
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Keep a text when its ITM p(match) >= this (default: as the run had it)."),
+    ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(help="Selection policy: threshold (BLIP), top_n or best (default: as the run had it)."),
+    ] = None,
+    top_n: Annotated[
+        int | None, typer.Option(help="With --select top_n: synthetic captions kept per image.")
+    ] = None,
+    calibrated: Annotated[
+        bool, typer.Option(help="Use the per-source thresholds `capfilt calibrate` wrote into the run.")
+    ] = False,
 ) -> None:
-    """Re-decide a CapFilt run at a new threshold from its candidates table; no model runs."""
+    """Re-decide a CapFilt run from its candidates table at a new threshold, selection policy or n; no model runs."""
     from capfilt.stages.capfilt.rethreshold import rethreshold as rethreshold_run
 
+    if threshold is None and select is None and top_n is None and not calibrated:
+        _fail(
+            ConfigError(
+                "give --threshold, --select, --top-n or --calibrated: with none there is nothing to change"
+            )
+        )
     try:
-        summary = rethreshold_run(run, threshold)
+        summary = rethreshold_run(run, threshold, select=select, top_n=top_n, calibrated=calibrated)
     except (ConfigError, ValueError, StageFailed) as err:
         _fail(err)
-    _print_block("rethreshold summary", summary.lines())
+    _print_block("reselect summary", summary.lines())
+
+
+app.command("reselect")(_reselect)
+app.command("rethreshold", help="Same as `reselect` (its older name).")(_reselect)
+
+
+@app.command()
+def calibrate(
+    run: Annotated[
+        str, typer.Option(help="A CapFilt output folder, or a `capfilt run` folder (its capfilt stage).")
+    ],
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="Parquet/CSV/JSONL of labelled rows: 'correct' and 'text_uid' (or 'uid' and 'text')."
+        ),
+    ],
+    target_precision: Annotated[
+        float, typer.Option(help="The precision the kept texts must reach, e.g. 0.95.")
+    ],
+    source: Annotated[
+        list[str] | None, typer.Option(help="Text source(s) to calibrate: web, synthetic (default both).")
+    ] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
+) -> None:
+    """Pick the ITM threshold per text source that reaches a target precision on a labelled sample,
+    with bootstrap intervals; writes _calibration.json into the run for `capfilt rethreshold`."""
+    from capfilt.core import fs
+    from capfilt.core.layout import STAGES_DIR
+    from capfilt.eval.calibrate import SOURCES, calibrate_run
+
+    folder = fs.location(run)
+    if (folder / STAGES_DIR).is_dir():
+        folder = folder / "capfilt"
+    try:
+        result = calibrate_run(
+            folder, labels, target_precision, sources=source or SOURCES, resamples=resamples
+        )
+    except (ConfigError, ValueError) as err:
+        _fail(err)
+    _print_block(
+        "calibration", [c.line() for c in result.values()] + [f"written to {folder}/_calibration.json"]
+    )
 
 
 @app.command()
@@ -385,16 +446,58 @@ def status(
             help="A run folder of `capfilt run` (a path or s3://...), or one stage's output folder."
         ),
     ],
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Redraw until the run is done or failed (Ctrl-C stops watching).")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between redraws with --watch.", min=0.1)] = 2.0,
 ) -> None:
-    """Summarise a run, finished or in progress: stages done, shards done, failures by reason."""
+    """Summarise a run, finished or in progress: stages done, shards done, failures by reason.
+    With --watch: redraw in place with images/s now and the ETA of each running stage."""
     from capfilt.pipeline.status import run_status
 
+    if watch:
+        _watch(run_dir, interval)
+        return
     try:
         st = run_status(run_dir)
     except ConfigError as err:
         _fail(err)
     for line in st.lines():
         typer.echo(line)
+
+
+def _watch(run_dir: str, interval: float) -> None:
+    """Redraw the watcher's frame every ``interval`` seconds: cursor home, the frame with each line
+    cleared to its end, then clear below (on a terminal; one frame after another otherwise)."""
+    import shutil
+
+    from capfilt.pipeline.status import Watcher, run_over
+
+    watcher = Watcher(run_dir)
+    tty = sys.stdout.isatty()
+    interrupted = False
+    home = "\x1b[H\x1b[2J"  # the first frame clears the screen; later ones overwrite it
+    try:
+        while True:
+            try:
+                st = watcher.poll()
+            except ConfigError as err:
+                _fail(err)
+            frame = watcher.frame(interval)
+            if tty:  # a line wider than the terminal would wrap and shift the next redraw
+                width = shutil.get_terminal_size().columns
+                frame = [line[:width] for line in frame]
+                sys.stdout.write(home + "".join(f"{line}\x1b[K\n" for line in frame) + "\x1b[J")
+                sys.stdout.flush()
+                home = "\x1b[H"
+            else:
+                typer.echo("\n".join(frame) + "\n")
+            if run_over(st):
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        interrupted = True
+    typer.echo(watcher.final_line(interrupted))
 
 
 def entry() -> None:  # pragma: no cover - for `python -m capfilt`

@@ -453,6 +453,87 @@ def test_filter_only_scores_the_existing_texts_and_can_reference_images(
             assert r["itm_score"] == pytest.approx(full_web[r["text_uid"]], abs=1e-5)
 
 
+def _image_like(obj: object, depth: int = 0) -> str | None:
+    """What in ``obj`` is image data or candidate rows (None: nothing): JPEG or PNG bytes, a
+    pixel array, an Arrow table with an image, pixel or text column."""
+    if depth > 6:
+        return None
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        head = bytes(obj[:8])
+        return "image bytes" if head.startswith((b"\xff\xd8\xff", b"\x89PNG")) else None
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == np.uint8 and obj.ndim >= 3:
+            return f"a pixel array {obj.shape}"
+        if obj.dtype == object:
+            return next((w for v in obj.ravel()[:64] if (w := _image_like(v, depth + 1))), None)
+        return None
+    if isinstance(obj, (pa.Table, pa.RecordBatch)):
+        bad = [c for c in obj.schema.names if c in ("image", "text") or c.startswith("pixels_")]
+        return f"an Arrow table with columns {bad}" if bad else None
+    if isinstance(obj, dict):
+        return next((w for v in obj.values() if (w := _image_like(v, depth + 1))), None)
+    if isinstance(obj, (list, tuple)):
+        return next((w for v in obj[:256] if (w := _image_like(v, depth + 1))), None)
+    return None
+
+
+def test_the_driver_never_reads_or_receives_images(one_shard, models, tmp_path, monkeypatch):
+    """In the driver process (Ray's workers are other processes): reading the image column of an
+    input shard raises, and everything the driver gets from Ray (``ray.get``, which Ray Data's
+    iterator uses too) is checked for image bytes, pixels and candidate rows. Human pairs come
+    from the same shards, so their images are guarded as well."""
+    import pyarrow.parquet as pq_mod
+    import ray
+
+    from capfilt.stages.capfilt.writer import RECEIPT
+
+    guarded = {p.resolve() for p in one_shard.glob("*.parquet")}
+    reads: list[list[str] | None] = []
+    real_read_table, real_get = pq_mod.read_table, ray.get
+
+    def read_table(source, *args, columns=None, **kwargs):
+        if isinstance(source, (str, Path)) and Path(source).resolve() in guarded:
+            reads.append(columns)
+            if columns is None or "image" in columns:
+                raise AssertionError(f"the driver read the images of {source}")
+        return real_read_table(source, *args, columns=columns, **kwargs)
+
+    def no_images_read(real):
+        def read(self, *args, columns=None, **kwargs):
+            if columns is None or "image" in columns:
+                raise AssertionError("the driver read a Parquet file's images")
+            return real(self, *args, columns=columns, **kwargs)
+
+        return read
+
+    received: list[str] = []
+    tables: list[list[str]] = []
+
+    def get(refs, *args, **kwargs):
+        value = real_get(refs, *args, **kwargs)
+        if isinstance(value, (pa.Table, pa.RecordBatch)):
+            tables.append(value.schema.names)
+        if (what := _image_like(value)) is not None:
+            received.append(what)
+        return value
+
+    monkeypatch.setattr(pq_mod, "read_table", read_table)
+    for method in ("read", "iter_batches", "read_row_group", "read_row_groups"):
+        monkeypatch.setattr(pq_mod.ParquetFile, method, no_images_read(getattr(pq_mod.ParquetFile, method)))
+    monkeypatch.setattr(ray, "get", get)
+    out = tmp_path / "out"
+    summary = run_capfilt(one_shard, out, models["captioner"], models["filter"], CFG, human=one_shard)
+    monkeypatch.undo()
+
+    assert reads and all(c is not None and "image" not in c for c in reads), "the guard saw the plan"
+    assert not received, f"the driver received {received[:3]}"
+    assert tables and all(names == RECEIPT.names for names in tables), "receipts are all it fetched"
+    cleaned = read_cleaned(out)  # the workers did read the images
+    assert cleaned.num_rows == sum(summary.kept.values()) > 0
+    assert all(decode_image(b).size[0] > 0 for b in cleaned.column("image").to_pylist())
+    assert set(cleaned.column("text_source").to_pylist()) >= {"human", "web"}
+
+
 def test_rethreshold_redecides_without_models(full_run, tmp_path):
     out, summary = full_run
     run = tmp_path / "run"

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import capfilt.core.fs as fs_mod
 import capfilt.core.shards as shards_mod
 import capfilt.stages.capfilt.driver as C
 import capfilt.stages.download.driver as D
@@ -231,7 +232,8 @@ def test_a_crash_between_temp_write_and_rename_leaves_nothing_a_rerun_trusts(
     out = tmp_path / "download"
     inp = _shard_input(urls, tmp_path, 1)
     shim = OsFailingReplace(crash_at)
-    monkeypatch.setattr(shards_mod, "os", shim)
+    monkeypatch.setattr(shards_mod, "os", shim)  # Parquet shards
+    monkeypatch.setattr(fs_mod, "os", shim)  # stats files (core.fs.write_atomic)
     with pytest.raises(OSError, match="injected crash"):
         download_shard(1, str(inp), str(out), DL.model_dump_json())
     monkeypatch.undo()
@@ -438,20 +440,38 @@ def test_training_killed_and_restarted_ends_where_an_uninterrupted_run_ends(
 def test_capfilt_crash_before_a_rename_leaves_nothing_a_rerun_trusts(
     ray_local, capfilt_data, models, capfilt_reference, tmp_path, monkeypatch
 ):
-    """The driver writes a shard's candidates, cleaned file, then stats; a crash before the
-    cleaned file's rename leaves the shard not done, and the rerun redoes it."""
+    """A shard's writer task writes its candidates, cleaned file, then stats; a crash in the
+    worker before the cleaned file's rename leaves the shard not done, the driver names it, and
+    the rerun redoes it."""
+
+    def writer(out: Any, plan: Any, *args: Any) -> Any:
+        import os as os_
+
+        import capfilt.core.shards as shards_
+        import capfilt.stages.capfilt.writer as W
+        from capfilt.testing.faults import OsFailingReplace
+
+        if plan.name == "00001":
+            shards_.os = OsFailingReplace("cleaned/00001.parquet")  # type: ignore[assignment]
+        try:
+            return W.write_web_shard(out, plan, *args)
+        finally:
+            shards_.os = os_  # the worker process runs other tasks after this one
+
     out = tmp_path / "run"
-    shim = OsFailingReplace("cleaned/00001.parquet")
-    monkeypatch.setattr(shards_mod, "os", shim)
-    with pytest.raises(OSError, match="injected crash"):
+    monkeypatch.setattr(C, "write_shard", writer)
+    with pytest.raises(StageFailed, match=r"1 shard\(s\) failed to write: 00001 \(OSError: .*injected crash"):
         run_capfilt(capfilt_data, out, models["captioner"], models["filter"], CF)
     monkeypatch.undo()
+    assert (out / "candidates" / "00001.parquet").exists(), "the crash came after the candidates"
     assert not (out / "cleaned" / "00001.parquet").exists()
     assert not list(out.rglob("*.tmp"))
     assert not (out / STATS_DIR / "00001.json").exists()
+    assert (out / STATS_DIR / "00000.json").exists(), "the other shard's writer went on"
     summary = run_capfilt(capfilt_data, out, models["captioner"], models["filter"], CF)
-    assert summary.shards_written >= 1 and summary.shards_written + summary.shards_skipped == 2
+    assert summary.shards_written == 1 and summary.shards_skipped == 1
     _same_capfilt(out, capfilt_reference)
+    assert not (out / "_parts").exists(), "parts are removed once every shard is written"
 
 
 @pytest.mark.slow

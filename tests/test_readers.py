@@ -21,7 +21,7 @@ from capfilt.stages.capfilt.decisions import decide
 from capfilt.stages.capfilt.inputs import _Plan
 from capfilt.stages.capfilt.rethreshold import read_cleaned
 from capfilt.stages.capfilt.score import unscored_batch
-from capfilt.stages.capfilt.writer import _RunIds, _write_web_shard
+from capfilt.stages.capfilt.writer import _RunIds, write_web_shard
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only; set before `datasets` loads
 
@@ -80,7 +80,9 @@ def cleaned(tmp_path_factory) -> tuple[Path, pa.Table]:
     )
     out = root / "capfilt"
     plan = _Plan("00000", shard, N + 1, N, {S.SUCCESS: N, S.FAILED_TO_DOWNLOAD: 1})
-    _write_web_shard(out, plan, [part], _RunIds(1, "captioner-abc", "filter-def"), cfg, 0.0)
+    part_file = root / "parts" / "00000-0.parquet"  # as write_parts leaves it for the shard writer
+    write_parquet_atomic(part_file, part)
+    write_web_shard(out, plan, [str(part_file)], _RunIds(1, "captioner-abc", "filter-def"), cfg, 0.0)
     table = read_cleaned(out)
     kept = int(pc.sum(pc.greater_equal(pa.array(scores), cfg.threshold)).as_py())
     assert table.num_rows == kept and 0 < kept < part.num_rows

@@ -71,16 +71,17 @@ def round_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict
     recipe.write_text(yaml.safe_dump({**MINI_ROUND, "out": str(out)}))
     runner = CliRunner()
 
-    real_write = capfilt_stage._write_web_shard
+    real_written = capfilt_stage._shard_written
     written: list[str] = []
 
-    def write_then_crash(out_dir: Path, plan: Any, *args: Any, **kwargs: Any) -> Any:
-        real_write(out_dir, plan, *args, **kwargs)
-        written.append(plan.name)
-        raise SimulatedCrash(f"simulated crash after CapFilt shard {plan.name}")
+    def written_then_crash(name: str, stats: Any) -> None:
+        real_written(name, stats)
+        written.append(name)
+        raise SimulatedCrash(f"simulated crash after CapFilt shard {name}")
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(capfilt_stage, "_write_web_shard", write_then_crash)
+    # The driver learns that a writer task finished a shard, and crashes right there.
+    mp.setattr(capfilt_stage, "_shard_written", written_then_crash)
     windows: dict[str, tuple[float, float]] = {}  # wall-clock span of each invocation
     t0 = time.time()
     try:
@@ -89,6 +90,8 @@ def round_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict
         mp.undo()
     windows["first"] = (t0, time.time())
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "capfilt" / "cleaned").glob("*.parquet")}
+    # Shards done when it crashed: the one it heard of, and any other writer that finished first.
+    done = sorted(p.stem for p in (out / "capfilt" / "_stats").glob("[0-9]*.json"))
     # The manifests as the crash left them (the reruns below rewrite them).
     after_crash = {p.stem: json.loads(p.read_text()) for p in (out / STAGES_DIR).glob("*.json")}
     t0 = time.time()
@@ -101,6 +104,7 @@ def round_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict
         "second": second,
         "third": third,
         "crashed_after": written,
+        "done_at_crash": done,
         "mtimes": mtimes,
         "after_crash": after_crash,
         "windows": windows,
@@ -129,11 +133,12 @@ def test_the_rerun_resumes_capfilt_and_finishes_every_stage(round_run: dict[str,
         assert f"{stage} (unchanged, skipped)" in second.output
     capfilt = _manifest(out, "capfilt")
     assert capfilt["status"] == "done"
-    # The shard finished before the crash was kept, not redone.
-    assert capfilt["result"]["shards_skipped"] == 1
-    (done_before,) = round_run["crashed_after"]
-    kept = out / "capfilt" / "cleaned" / f"{done_before}.parquet"
-    assert kept.stat().st_mtime_ns == round_run["mtimes"][kept.name]
+    # The shards finished before the crash were kept, not redone.
+    done = round_run["done_at_crash"]
+    assert round_run["crashed_after"][0] in done and capfilt["result"]["shards_skipped"] == len(done)
+    for name in done:
+        kept = out / "capfilt" / "cleaned" / f"{name}.parquet"
+        assert kept.stat().st_mtime_ns == round_run["mtimes"][kept.name]
     for stage in STAGES:
         m = _manifest(out, stage)
         assert m["status"] == "done" and re.fullmatch(r"[0-9a-f]{16}", m["key"]), stage

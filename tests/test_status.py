@@ -4,6 +4,7 @@ and crashed inside the download (the files a crash leaves, then the rerun that r
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -161,3 +162,148 @@ def test_not_a_run_folder(tmp_path):
         run_status(tmp_path)
     result = CliRunner().invoke(app, ["status", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not a folder" in result.output
+
+
+# ------------------------------------------------------------------------------ status --watch
+
+N_SHARDS = 5
+ROWS_PER_SHARD = 10
+
+
+def _download_in_progress(root: Path) -> Path:
+    """A run folder as a download leaves it midway: world done, the download's manifest running,
+    every shard's input waiting in _inputs/, no shard done yet."""
+    run = root / "run"
+    write_json_atomic(run / "_run.json", {"name": "watched", "stages": ["world", "download"]})
+    write_json_atomic(run / "_stages" / "world.json", {"stage": "world", "status": "done", "wall_s": 1.0})
+    write_json_atomic(run / "_stages" / "download.json", {"stage": "download", "status": "running"})
+    for shard in range(N_SHARDS):
+        (run / "download" / INPUTS_DIR).mkdir(parents=True, exist_ok=True)
+        (run / "download" / INPUTS_DIR / f"{shard:05d}.parquet").write_bytes(b"")
+    return run
+
+
+def _finish_shard(run: Path, shard: int) -> None:
+    """What the download driver does when a shard is done: the shard file, its stats file (last),
+    then its input goes."""
+    d = run / "download"
+    (d / f"{shard:05d}.parquet").write_bytes(b"")
+    write_json_atomic(
+        d / STATS_DIR / f"{shard:05d}.json",
+        {
+            "stage": "download",
+            "shard": shard,
+            "rows_in": ROWS_PER_SHARD,
+            "status_counts": {"success": ROWS_PER_SHARD - 1, "failed_to_download": 1},
+            "reason_counts": {"failed_to_download: HTTP Error 404: Not Found": 1},
+        },
+    )
+    (d / INPUTS_DIR / f"{shard:05d}.parquet").unlink()
+
+
+class _Tmux:
+    """A tmux server on a private socket, one session running a clean bash, 200 x 50."""
+
+    def __init__(self, cwd: Path) -> None:
+        import os
+
+        self.socket = f"capfilt-test-{os.getpid()}"
+        env = {"PYTHONPATH": os.pathsep.join(sys.path), "PS1": "$ ", "TERM": "xterm-256color"}
+        args = ["new-session", "-d", "-s", "w", "-x", "200", "-y", "50", "-c", str(cwd)]
+        for k, v in env.items():
+            args += ["-e", f"{k}={v}"]
+        self("set-option", "-g", "remain-on-exit", "on", start=args + ["bash --norc --noprofile"])
+
+    def __call__(self, *args: str, start: list[str] | None = None) -> str:
+        cmd = ["tmux", "-L", self.socket]
+        if start is not None:  # the first command starts the server with the session
+            subprocess.run([*cmd, *start], check=True, capture_output=True, timeout=30)
+        out = subprocess.run([*cmd, *args], check=True, capture_output=True, text=True, timeout=30)
+        return out.stdout
+
+    def send(self, *keys: str) -> None:
+        self("send-keys", "-t", "w", *keys)
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-t", "w")
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
+
+
+def _download_row(screen: str) -> list[str]:
+    rows = [line.split() for line in screen.splitlines() if line.split()[:1] == ["download"]]
+    return rows[0] if rows else []
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_status_watch_under_tmux_follows_a_run_in_progress(tmp_path):
+    from capfilt.testing import wait_for
+
+    run = _download_in_progress(tmp_path)
+    watch = f"{sys.executable} -m capfilt status {run} --watch --interval 0.5; echo WATCH-EXIT=$?"
+    tmux = _Tmux(tmp_path)
+    try:
+        tmux.send(watch, "Enter")
+        wait_for(lambda: _download_row(tmux.screen())[2:3] == [f"0/{N_SHARDS}"], "the first frame", 60)
+        screen = tmux.screen()
+        assert "run watched in" in screen and "1 of 2 stage(s) done" in screen
+        assert _download_row(screen)[:2] == ["download", "unfinished"]
+
+        seen = [0]
+        for shard in range(3):
+            _finish_shard(run, shard)
+            want = f"{shard + 1}/{N_SHARDS}"
+            wait_for(lambda want=want: _download_row(tmux.screen())[2:3] == [want], f"shards done {want}", 60)
+            seen.append(shard + 1)
+        assert seen == [0, 1, 2, 3]  # the count moved forward, one shard at a time, in place
+        screen = tmux.screen()
+        assert screen.count("refreshed") == 1  # redrawn in place, not scrolled
+        # Three shards done: images so far, a rate from the stats files' times, an ETA for the rest.
+        line = next(x for x in screen.splitlines() if x.split()[:1] == ["download"])
+        m = re.search(rf"download\s+unfinished\s+3/{N_SHARDS}\s+(\d+)\s+([\d.]+)\s+(\d+ (?:s|min|h))\s", line)
+        assert m, line
+        assert int(m.group(1)) == 3 * (ROWS_PER_SHARD - 1) and float(m.group(2)) > 0
+        assert "failures by reason:" in screen and "failed_to_download: HTTP Error 404: Not Found" in screen
+
+        # Ctrl-C stops watching with a final line; the run is not touched.
+        tmux.send("C-c")
+        wait_for(lambda: "WATCH-EXIT=0" in tmux.screen(), "the watch to stop on Ctrl-C", 60)
+        assert "stopped watching: 1 of 2 stage(s) done; the run goes on" in tmux.screen()
+
+        # Watch again to the end: the last shards, then the runner marks the stage done.
+        tmux.send("clear", "Enter")
+        tmux.send(watch, "Enter")
+        wait_for(lambda: _download_row(tmux.screen())[2:3] == [f"3/{N_SHARDS}"], "the frame again", 60)
+        for shard in range(3, N_SHARDS):
+            _finish_shard(run, shard)
+        wait_for(lambda: _download_row(tmux.screen())[2:3] == [f"{N_SHARDS}/{N_SHARDS}"], "every shard", 60)
+        assert "WATCH-EXIT" not in tmux.screen()  # all shards done, the stage not yet: still watching
+        write_json_atomic(run / "download" / SUMMARY, {"shards_total": N_SHARDS, "shards_failed": {}})
+        write_json_atomic(
+            run / "_stages" / "download.json", {"stage": "download", "status": "done", "wall_s": 12.0}
+        )
+        wait_for(lambda: "WATCH-EXIT=0" in tmux.screen(), "the watch to end with the run", 60)
+        screen = tmux.screen()
+        assert "run done: 2 of 2 stage(s) done in 13 s of stage time" in screen
+        assert _download_row(screen)[:3] == ["download", "done", f"{N_SHARDS}/{N_SHARDS}"]
+    finally:
+        tmux.kill()
+
+
+def test_watch_says_a_stage_failed_and_stops(tmp_path):
+    """A download that gave up on a shard (every attempt failed) and stopped the run: the watch
+    ends at once and says so."""
+    run = _download_in_progress(tmp_path)
+    for shard in range(N_SHARDS - 1):
+        _finish_shard(run, shard)
+    write_json_atomic(
+        run / "download" / SUMMARY,
+        {"shards_total": N_SHARDS, "shards_failed": {str(N_SHARDS - 1): "RayTaskError: worker died"}},
+    )
+    result = CliRunner().invoke(app, ["status", str(run), "--watch", "--interval", "0.1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert _download_row(result.output)[:3] == ["download", "failed", f"{N_SHARDS - 1}/{N_SHARDS}"]
+    assert lines[-1] == "run stopped: download failed; `capfilt run` with the same recipe retries it"
+    assert result.output.count("refreshed") == 1  # one frame: nothing more will happen

@@ -42,6 +42,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     log.info("starting a local Ray instance with %d logical CPUs", cpus)
     ray.init(
+        # "local": a new instance even when `ray start` left one on this machine, which ray.init()
+        # with no address would join (and refuse, given num_cpus).
+        address="local",
         num_cpus=cpus,
         include_dashboard=False,
         log_to_driver=True,

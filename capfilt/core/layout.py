@@ -23,6 +23,8 @@ SUMMARY = "_summary.json"
 CLEANED_DIR = "cleaned"  # texts a filter kept, one row per (image, text), in the CLEANED schema
 CANDIDATES_DIR = "candidates"  # every text considered, with its scores, decision and reason
 CAPTIONS_DIR = "captions"  # a caption-only run (no filter): every synthetic caption, unscored
+CALIBRATION = "_calibration.json"  # thresholds per text source from a labelled sample (`capfilt calibrate`)
+PARTS_DIR = "_parts"  # _parts/NNNNN/*.parquet: a shard's candidate rows, chunk by chunk, until it is written
 
 # A training folder.
 TRAIN_CONFIG = "train_config.json"

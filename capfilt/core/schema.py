@@ -128,6 +128,7 @@ CANDIDATE = pa.schema(
         pa.field("text_index", pa.int32(), nullable=False),  # web 0; caption k of K; human caption i
         pa.field("itm_score", pa.float32()),  # filter's ITM softmax p(match)
         pa.field("itc_score", pa.float32()),  # filter's ITC cosine similarity
+        pa.field("rank", pa.int32()),  # a scored synthetic caption's place among its image's by ITM, 0 = best
         pa.field("decision", pa.string(), nullable=False),  # "keep" | "drop"
         pa.field("reason", pa.string()),  # why dropped, or why kept without scoring
         pa.field("round", pa.int32(), nullable=False),

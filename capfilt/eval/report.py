@@ -1,19 +1,20 @@
-"""The run report: one HTML file (plots as PNGs in a sibling folder) and the CLI's short summary table.
+"""The run report: one HTML file, with its figures, thumbnails and raw JSON in a sibling folder, that
+answers a data team's questions in order: the headline (what went in, what came out, what it cost),
+is the threshold right, what is being removed, and what failed. Also the CLI's short summary table.
 
-Everything that comes from data (captions, reasons, stage names, keys, values) is HTML-escaped, so
-a caption holding ``<script>`` shows as text. The page has no scripts of its own.
+The page opens with no network and without capfilt: inline CSS, no scripts, every image a file
+beside it. Everything that comes from data (captions, URLs, reasons, stage names, keys, values) is
+HTML-escaped, so a caption holding ``<script>`` shows as text.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import html
-import io
 import json
 import logging
 import math
-import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -21,9 +22,13 @@ from typing import Any, TypeGuard
 import numpy as np
 import pyarrow as pa
 
+from capfilt.eval import report_audit as audit
+from capfilt.eval.report_inputs import StageRun, stage_runs, throughput
+from capfilt.eval.report_plots import PRCurve, pr_curve, pr_figure, score_panels
+
 __all__ = [
     "ROUND_METRICS",
-    "example_uids",
+    "SECTIONS",
     "flatten",
     "round_rows",
     "summary_table",
@@ -49,27 +54,6 @@ ROUND_METRICS: tuple[tuple[str, str], ...] = (
     ("noise_before", "noise before CapFilt"),
     ("noise_after", "noise after CapFilt"),
 )
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
-h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-.meta { color: #666; font-size: 0.9em; }
-table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.up { color: #107010; } .down { color: #b01010; }
-.stages { display: flex; flex-wrap: wrap; gap: 1.2em; } .stages h3 { margin: 0.4em 0 0; }
-.plots img { max-width: 100%; border: 1px solid #ddd; margin: 0.4em 0.4em 0 0; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 0.8em; }
-.card { border: 1px solid #ccc; border-radius: 6px; padding: 0.5em; display: flex; gap: 0.6em; }
-.card img { width: 96px; height: 96px; object-fit: contain; image-rendering: pixelated; flex: none; }
-.noimg { width: 96px; height: 96px; background: #eee; color: #888; font-size: 0.8em; flex: none;
-         display: flex; align-items: center; justify-content: center; }
-.texts { font-size: 0.85em; min-width: 0; } .text { margin-bottom: 0.35em; overflow-wrap: anywhere; }
-.src { font-weight: 600; } .keep { color: #107010; font-weight: 600; } .drop { color: #b01010; font-weight: 600; }
-.score { color: #555; } .uid { color: #999; font-size: 0.75em; }
-.note { color: #777; font-style: italic; }
-"""
 
 
 # ============================================================================ tables and text
@@ -190,111 +174,286 @@ def _kv_table(d: Mapping[str, Any]) -> str:
     return _html_table([{"key": k, "value": v} for k, v in flatten(d).items()])
 
 
-# ================================================================================== plots
+# ============================================================================ human numbers
 
 
-def _hist_png(
-    path: Path, groups: Sequence[tuple[str, np.ndarray]], title: str, threshold: float | None
-) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global state, the Agg canvas renders PNGs
-
-    fig = Figure(figsize=(6.4, 3.4), dpi=100, layout="constrained")
-    ax = fig.subplots()
-    bins = np.linspace(0.0, 1.0, 26).tolist()
-    for label, scores in groups:
-        ax.hist(np.clip(scores, 0.0, 1.0), bins=bins, alpha=0.55, label=f"{label} (n={len(scores)})")
-    if threshold is not None:
-        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-    ax.set_xlabel("ITM p(match)")
-    ax.set_ylabel("texts")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.savefig(path, format="png")
+def _int(n: Any) -> str:
+    return "-" if not _is_num(n) else f"{int(n):,}"
 
 
-def _scores(candidates: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(text_source, itm_score, truth or None) of the candidates that have a score."""
+def _pct(x: Any, digits: int = 1) -> str:
+    return "-" if not _is_num(x) or not math.isfinite(float(x)) else f"{100 * float(x):.{digits}f} %"
+
+
+def _dur(seconds: Any) -> str:
+    if not _is_num(seconds):
+        return "-"
+    s = float(seconds)
+    if s < 100:
+        return f"{s:.1f} s"
+    if s < 6000:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def _num(x: Any, digits: int = 2) -> str:
+    return "-" if not _is_num(x) or not math.isfinite(float(x)) else f"{float(x):,.{digits}f}"
+
+
+def _rate(x: float) -> str:
+    """A rate to three significant figures at most (0.0111, 2.0, 312), thousands separated."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 1:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
+def _hours(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:.4f}" if x < 0.01 else f"{x:.2f}"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]], num: Sequence[int] = (), cls: str = "") -> str:
+    """A table of already formatted cells (escaped here); columns in ``num`` align right."""
+    if not rows:
+        return '<p class="note">nothing to show</p>'
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{_e(c)}</td>' if i in num else f"<td>{_e(c)}</td>" for i, c in enumerate(r)
+        )
+        + "</tr>"
+        for r in rows
+    )
+    return f'<table class="{_e(cls)}"><tr>{th}</tr>{body}</table>'
+
+
+def _tile(label: str, value: str, sub: str = "") -> str:
+    note = f'<div class="tsub">{_e(sub)}</div>' if sub else ""
+    return f'<div class="tile"><div class="tlabel">{_e(label)}</div><div class="tvalue">{_e(value)}</div>{note}</div>'
+
+
+# Units of the round table's metrics, by label.
+_ROUND_UNITS = {
+    "BLEU-4": "0-100",
+    "CIDEr": "0-100+",
+    "true captions (checker)": "share",
+    "noise before CapFilt": "share",
+    "noise after CapFilt": "share",
+}
+
+#: The report's sections, as (anchor id, heading), in page order.
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("headline", "The headline"),
+    ("threshold", "Is the threshold right?"),
+    ("removed", "What is being removed?"),
+    ("failures", "Failures"),
+    ("details", "Stage details"),
+)
+
+
+# ================================================================================= headline
+
+
+def _by_name(runs: Sequence[StageRun]) -> dict[str, StageRun]:
+    return {r.name: r for r in runs}
+
+
+def _texts_by_source(
+    capfilt_result: Mapping[str, Any], candidates: pa.Table | None
+) -> list[tuple[str, int, int]]:
+    """(source, texts considered, kept): from the CapFilt result, else counted in the candidates."""
+    considered = capfilt_result.get("texts_considered")
+    kept = capfilt_result.get("kept")
+    if isinstance(considered, Mapping) and isinstance(kept, Mapping):
+        return [(str(s), int(n), int(kept.get(s, 0))) for s, n in considered.items()]
+    if candidates is None:
+        return []
+    counts: Counter[tuple[str, bool]] = Counter(
+        (s, d == "keep")
+        for s, d in zip(
+            candidates["text_source"].to_pylist(), candidates["decision"].to_pylist(), strict=True
+        )
+    )
+    sources = list(dict.fromkeys(candidates["text_source"].to_pylist()))
+    return [(s, counts[(s, True)] + counts[(s, False)], counts[(s, True)]) for s in sources]
+
+
+def _headline(
+    runs: Sequence[StageRun],
+    rounds: Mapping[str, Mapping[str, Any]] | None,
+    quality: Mapping[str, Any] | None,
+    candidates: pa.Table | None,
+) -> str:
+    by = _by_name(runs)
+    dl = by["download"].result if "download" in by else {}
+    cf = by["capfilt"].result if "capfilt" in by else {}
+    q = quality or {}
+    tiles = []
+    rows_in = dl.get("rows_in")
+    if _is_num(rows_in):
+        tiles.append(_tile("Rows in", _int(rows_in), "rows of the URL list"))
+    if _is_num(dl.get("downloaded")):
+        share = dl["downloaded"] / rows_in if _is_num(rows_in) and rows_in else None
+        tiles.append(_tile("Images downloaded", _int(dl["downloaded"]), f"{_pct(share)} of rows"))
+    texts = _texts_by_source(cf, candidates)
+    if texts:
+        n, k = sum(t[1] for t in texts), sum(t[2] for t in texts)
+        tiles.append(_tile("Texts kept", _int(k), f"of {n:,} considered ({_pct(k / n if n else None)})"))
+    if _is_num(cf.get("images")):
+        lost = cf.get("images_no_kept_text")
+        tiles.append(_tile("Images CapFilt saw", _int(cf["images"]), f"{_int(lost)} left with no text"))
+    if _is_num(q.get("noise_before")):
+        tiles.append(
+            _tile(
+                "False pairs",
+                f"{_pct(q['noise_before'])} → {_pct(q.get('noise_after'))}",
+                "before → after CapFilt",
+            )
+        )
+    walls = [r.wall_s for r in runs if _is_num(r.wall_s)]
+    if walls:
+        tiles.append(_tile("Wall time", _dur(sum(walls)), f"{len(walls)} stage(s) finished"))
+    parts = [f'<div class="tiles">{"".join(tiles)}</div>' if tiles else ""]
+
+    if texts:
+        rows = [[s, f"{n:,}", f"{k:,}", _pct(k / n if n else None)] for s, n, k in texts]
+        parts.append(
+            "<h3>Texts kept by source</h3>"
+            + _table(["source", "considered", "kept", "kept share"], rows, (1, 2, 3))
+        )
+    if q:
+        noise_rows = [["downloaded web pairs, before CapFilt", _pct(q.get("noise_before"))]]
+        noise_rows.append(["every kept web and synthetic text, after", _pct(q.get("noise_after"))])
+        for src in ("web", "synthetic", "human"):
+            if f"noise_after_{src}" in q:
+                noise_rows.append([f"kept {src} texts, after", _pct(q.get(f"noise_after_{src}"))])
+        parts.append(
+            "<h3>Noise: share of pairs whose text is false of its image</h3>"
+            '<p class="note">judged by the world\'s ground truth</p>'
+            + _table(["pairs", "false"], noise_rows, (1,))
+        )
+    if rounds:
+        rr = round_rows(rounds)
+        names = list(rounds)
+        head = ["metric", "unit", *names] + (["change"] if len(names) >= 2 else [])
+        body = []
+        for r in rr:
+            unit = _ROUND_UNITS.get(r["metric"], "%")
+            cells = [r["metric"], unit, *(_fmt(r.get(n)) for n in names)]
+            if len(names) >= 2:
+                ch = r.get("change")
+                cells.append("-" if not _is_num(ch) else f"{ch:+.3f}" if abs(ch) < 1 else f"{ch:+.2f}")
+            body.append(cells)
+        parts.append(
+            "<h3>Round 1 vs round 2</h3>"
+            '<p class="note">each round\'s model zero-shot on the test split; R@k in %</p>'
+            + _table(head, body, tuple(range(2, len(head))), cls="rounds")
+        )
+    if runs:
+        total = sum(walls) if walls else 0.0
+        body = []
+        for sr in runs:
+            rate = throughput(sr)
+            res = sr.resources
+            body.append(
+                [
+                    sr.name,
+                    sr.state,
+                    _dur(sr.wall_s),
+                    _pct(sr.wall_s / total if _is_num(sr.wall_s) and total else None, 0),
+                    "-" if rate is None else f"{_rate(rate[0])} {rate[1]}",
+                    "-" if res is None else f"{res[0]:g} CPU, {res[1]:g} GPU",
+                    _hours(sr.cpu_hours),
+                    _hours(sr.gpu_hours),
+                ]
+            )
+        parts.append(
+            "<h3>Wall time and cost per stage</h3>"
+            '<p class="note">cost: wall time × the CPUs and GPUs the stage\'s Ray work requested (its '
+            "recipe section after fitting to the cluster); - where the stage does not say (work in "
+            "the driver, or a download sized to the whole cluster)</p>"
+            + _table(
+                ["stage", "state", "wall time", "share", "throughput", "requested", "CPU-hours", "GPU-hours"],
+                body,
+                (2, 3, 4, 6, 7),
+            )
+        )
+    return "".join(parts) or '<p class="note">no stage has finished</p>'
+
+
+# ========================================================================== the threshold
+
+
+def _scored(candidates: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(text_source, itm_score, truth with None or None) of the candidates that have a score."""
     cols = candidates.to_pydict()
     score = np.asarray([np.nan if s is None else s for s in cols["itm_score"]], dtype=np.float64)
     source = np.asarray(cols["text_source"], dtype=object)
-    truth = None
-    if "truth" in cols:
-        truth = np.asarray([None if t is None else bool(t) for t in cols["truth"]], dtype=object)
+    truth = np.asarray(cols["truth"], dtype=object) if "truth" in cols else None
     ok = ~np.isnan(score)
     return source[ok], score[ok], None if truth is None else truth[ok]
 
 
-def _histograms(candidates: pa.Table, files_dir: Path, threshold: float) -> list[tuple[str, str | None]]:
-    """Write the ITM histograms; returns (file name or note, caption) pairs to show."""
-    source, score, truth = _scores(candidates)
+def _threshold(candidates: pa.Table, quality: Mapping[str, Any], files: Path, threshold: float) -> str:
+    source, score, truth = _scored(candidates)
     if len(score) == 0:
-        return [("", "no candidate has an ITM score")]
-    shown: list[tuple[str, str | None]] = []
-    by_source = [(str(s), score[source == s]) for s in dict.fromkeys(source.tolist())]
-    _hist_png(files_dir / "itm_by_source.png", by_source, "ITM score by text source", threshold)
-    shown.append(("itm_by_source.png", "ITM score by text source"))
-    if truth is None:
-        shown.append(("", "no ground truth column: ITM scores by ground truth are not shown"))
-        return shown
-    known = np.asarray([t is not None for t in truth])
-    is_true = np.asarray([bool(t) for t in truth])
-    groups = [
-        (f"{src}, {'true' if t else 'false'}", score[known & (source == src) & (is_true == t)])
-        for src in dict.fromkeys(source.tolist())
-        for t in (True, False)
+        return '<p class="note">no candidate has an ITM score</p>'
+    sources = list(dict.fromkeys(source.tolist()))
+    score_panels(files / "itm_by_source.png", [(str(s), score[source == s]) for s in sources], threshold)
+    parts = [
+        f"<h3>ITM score by text source</h3>{_figure(files, 'itm_by_source.png', 'ITM score distribution, one panel per text source; dashed: the threshold')}"
     ]
-    groups = [g for g in groups if len(g[1])]
-    if groups:
-        _hist_png(files_dir / "itm_by_truth.png", groups, "ITM score by ground truth", threshold)
-        shown.append(("itm_by_truth.png", "ITM score by ground truth (is the text true of its image?)"))
-    return shown
+    if truth is None:
+        parts.append(
+            '<p class="note">no ground truth: precision and recall against the kept fraction are not shown</p>'
+        )
+        return "".join(parts)
+    curves: list[PRCurve] = []
+    for s in sources:
+        sel = (source == s) & np.asarray([t is not None for t in truth])
+        y = np.asarray([bool(t) for t in truth[sel]])
+        if sel.sum() and y.any() and not y.all():
+            curves.append(pr_curve(str(s), score[sel], y))
+    if not curves:
+        parts.append('<p class="note">no text source has both true and false labelled texts</p>')
+        return "".join(parts)
+    pr_figure(files / "precision_recall.png", curves, threshold)
+    rows = []
+    for c in curves:
+        kept, prec, rec = c.at(threshold)
+        auc = (quality.get(f"filter_{c.source}") or {}).get("roc_auc")
+        rows.append(
+            [c.source, f"{c.n:,}", _pct(c.n_true / c.n), _pct(kept), _pct(prec), _pct(rec), _num(auc, 3)]
+        )
+    parts.append(
+        "<h3>Precision and recall against the share kept</h3>"
+        + _figure(
+            files,
+            "precision_recall.png",
+            "precision (blue) and recall (red) of keeping the top-scored texts; dashed: the chosen threshold; dotted: the true share",
+        )
+        + f'<p class="note">at the chosen threshold {threshold:g}, among texts with ground truth</p>'
+        + _table(
+            ["source", "labelled texts", "true share", "kept", "precision", "recall", "ROC-AUC"],
+            rows,
+            (1, 2, 3, 4, 5, 6),
+        )
+    )
+    return "".join(parts)
 
 
-# ================================================================================ examples
+def _figure(files: Path, name: str, caption: str) -> str:
+    src = f"{files.name}/{name}"
+    return f'<figure><img src="{_e(src)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
 
 
-def example_uids(candidates: pa.Table, n: int = 6, seed: int = 0) -> dict[str, list[str]]:
-    """Up to ``n`` image uids whose web text was kept and ``n`` whose web text was removed (images
-    without a web text go by their first candidate), picked at random with ``seed``. Load the
-    thumbnails of just these for ``write_report``."""
-    decision: dict[str, tuple[bool, str]] = {}  # uid -> (is web, decision)
-    for uid, src, dec in zip(
-        candidates["uid"].to_pylist(),
-        candidates["text_source"].to_pylist(),
-        candidates["decision"].to_pylist(),
-        strict=True,
-    ):
-        if uid not in decision or (src == "web" and not decision[uid][0]):
-            decision[uid] = (src == "web", dec)
-    rng = random.Random(seed)
-    out = {}
-    for name, dec in (("kept", "keep"), ("removed", "drop")):
-        # Images with a web text first: the grids are about web texts, and human-only images
-        # (passed through, not downloaded) have no thumbnail to show.
-        web = sorted(u for u, (is_web, d) in decision.items() if d == dec and is_web)
-        other = sorted(u for u, (is_web, d) in decision.items() if d == dec and not is_web)
-        picked = rng.sample(web, min(n, len(web)))
-        picked += rng.sample(other, min(n - len(picked), len(other)))
-        out[name] = sorted(picked)
-    return out
-
-
-def _thumbnail(data: bytes | None, size: int = 128) -> str | None:
-    """A PNG data URI of the image, at most ``size`` px a side; None when it cannot be decoded."""
-    if not data:
-        return None
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            thumb = opened.convert("RGB")
-        thumb.thumbnail((size, size))
-        buf = io.BytesIO()
-        thumb.save(buf, format="PNG")
-    except Exception as err:  # a broken image must not break the report
-        log.debug("no thumbnail: %s", err)
-        return None
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+# ============================================================================== what is removed
 
 
 def _image_lookup(images: Mapping[str, bytes] | pa.Table | None, uids: set[str]) -> dict[str, bytes]:
@@ -314,48 +473,152 @@ def _image_lookup(images: Mapping[str, bytes] | pa.Table | None, uids: set[str])
     return {u: images[u] for u in uids if u in images}
 
 
-def _card(uid: str, rows: list[dict[str, Any]], image: bytes | None) -> str:
-    uri = _thumbnail(image)
-    pic = f'<img src="{_e(uri)}" alt="image {_e(uid)}">' if uri else '<div class="noimg">no image</div>'
-    texts = []
-    for r in sorted(rows, key=lambda r: (r["text_source"] != "web", str(r.get("text_uid")))):
-        dec = r["decision"]
-        scores = " ".join(
-            f"{name} {_fmt(r.get(col))}"
-            for name, col in (("ITM", "itm_score"), ("ITC", "itc_score"))
-            if r.get(col) is not None
-        )
-        truth = r.get("truth")
-        mark = "" if truth is None else (" · true" if truth else " · false")
-        reason = f" ({_e(r['reason'])})" if r.get("reason") else ""
-        texts.append(
-            f'<div class="text"><span class="src">{_e(r["text_source"])}</span> '
-            f'<span class="{"keep" if dec == "keep" else "drop"}">{_e(dec)}</span>{reason} '
-            f'<span class="score">{_e(scores)}{_e(mark)}</span><br>{_e(r.get("text"))}</div>'
-        )
+def _removed(
+    candidates: pa.Table,
+    images: Mapping[str, bytes] | pa.Table | None,
+    files: Path,
+    threshold: float,
+    per_bin: int,
+    n_borderline: int,
+    seed: int,
+) -> str:
+    shown = audit.audit_images(candidates)
+    if not shown:
+        return '<p class="note">no image has a scored web text</p>'
+    cells = audit.stratified(shown, per_bin, seed)
+    near = audit.borderline(shown, threshold, n_borderline)
+    wanted = {im.uid for im in near} | {im.uid for v in cells.values() for _, _, picked in v for im in picked}
+    thumbs = audit.Thumbnails(_image_lookup(images, wanted), files / "thumbs", f"{files.name}/thumbs")
     return (
-        f'<div class="card">{pic}<div class="texts">{"".join(texts)}'
-        f'<div class="uid">{_e(uid)}</div></div></div>'
+        f"<h3>Borderline: the {len(near)} web texts scored nearest the threshold {threshold:g}</h3>"
+        '<p class="note">one line each, by score; truth from the world where it exists</p>'
+        + audit.borderline_html(near, thumbs, threshold)
+        + "<h3>By score bin and by what happened to the web text</h3>"
+        + f'<p class="note">up to {per_bin} images per bin, sampled with seed {seed} (the same on every rerun); '
+        "binned by the web text's ITM score; every text of the image shown with its score and decision</p>"
+        + audit.grids_html(cells, thumbs)
     )
 
 
-def _examples(candidates: pa.Table, images: Mapping[str, bytes] | pa.Table | None, n: int, seed: int) -> str:
-    picked = example_uids(candidates, n, seed)
-    wanted = {u for uids in picked.values() for u in uids}
-    by_uid: dict[str, list[dict[str, Any]]] = {u: [] for u in wanted}
-    for row in candidates.to_pylist():
-        if row["uid"] in by_uid:
-            by_uid[row["uid"]].append(row)
-    lookup = _image_lookup(images, wanted)
+# ================================================================================== failures
+
+
+def _failures(
+    runs: Sequence[StageRun], candidates: pa.Table | None, samples: pa.Table | None, n_urls: int = 3
+) -> str:
+    by = _by_name(runs)
     parts = []
-    for name, title in (("kept", "Web text kept"), ("removed", "Web text removed")):
-        cards = "".join(_card(u, by_uid[u], lookup.get(u)) for u in picked[name])
-        body = f'<div class="grid">{cards}</div>' if cards else '<p class="note">no such example</p>'
-        parts.append(f"<h3>{_e(title)}</h3>{body}")
-    return "".join(parts)
+    dl = by["download"].result if "download" in by else {}
+    reasons = dl.get("reason_counts") or {}
+    # Example URLs per counted reason: a counted reason is the sample's "status: reason" without
+    # what names one row (the duplicate's first uid, a blocked address), so match by prefix.
+    examples: dict[str, list[str]] = {reason: [] for reason in reasons}
+    if samples is not None and {"url", "status", "reason"} <= set(samples.column_names):
+        for url, status, reason in zip(
+            samples["url"].to_pylist(),
+            samples["status"].to_pylist(),
+            samples["reason"].to_pylist(),
+            strict=True,
+        ):
+            if status == "success" or url is None:
+                continue
+            key = f"{status}: {reason}" if reason else str(status)
+            for counted, got in examples.items():
+                if len(got) < n_urls and key.startswith(counted):
+                    got.append(str(url))
+                    break
+    if reasons:
+        rows_in = dl.get("rows_in")
+        body = [
+            f'<tr><td>{_e(reason)}</td><td class="num">{_e(_int(count))}</td>'
+            f'<td class="num">{_e(_pct(count / rows_in if _is_num(rows_in) and rows_in else None))}</td>'
+            f'<td class="urls">{"<br>".join(_e(u) for u in examples.get(reason, [])) or "-"}</td></tr>'
+            for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])
+        ]
+        parts.append(
+            "<h3>Download: rows not downloaded, by reason</h3>"
+            f"<table><tr><th>reason</th><th>rows</th><th>share of rows in</th><th>example URLs</th></tr>{''.join(body)}</table>"
+        )
+    elif "download" in by:
+        parts.append('<p class="note">download: every row downloaded</p>')
+    for r in runs:
+        failed = r.result.get("shards_failed") or {}
+        if failed:
+            rows = [[r.name, str(k), str(v)[:200]] for k, v in sorted(failed.items())]
+            parts.append(
+                f"<h3>{_e(r.name)}: shards that failed every attempt</h3>"
+                + _table(["stage", "shard", "last error"], rows)
+            )
+    if candidates is not None:
+        counts: Counter[tuple[str, str, str]] = Counter(
+            (str(reason), str(src), str(dec))
+            for reason, src, dec in zip(
+                candidates["reason"].to_pylist()
+                if "reason" in candidates.column_names
+                else [None] * candidates.num_rows,
+                candidates["text_source"].to_pylist(),
+                candidates["decision"].to_pylist(),
+                strict=True,
+            )
+            if reason
+        )
+        sources = list(dict.fromkeys(candidates["text_source"].to_pylist()))
+        keys = sorted({(reason, dec) for reason, _, dec in counts}, key=lambda k: (k[1] != "drop", k[0]))
+        rows = [
+            [
+                reason,
+                dec,
+                *(_int(counts[(reason, s, dec)]) for s in sources),
+                _int(sum(counts[(reason, s, dec)] for s in sources)),
+            ]
+            for reason, dec in keys
+        ]
+        parts.append(
+            "<h3>CapFilt: texts by reason</h3>"
+            + _table(["reason", "decision", *sources, "total"], rows, tuple(range(2, 3 + len(sources))))
+        )
+        cf = by["capfilt"].result if "capfilt" in by else {}
+        not_images = cf.get("rows_not_images") or {}
+        if not_images or _is_num(cf.get("images_not_decodable")):
+            rows = [[f"download status {k}", _int(v)] for k, v in not_images.items()]
+            rows.append(["image not decodable", _int(cf.get("images_not_decodable"))])
+            parts.append("<h3>CapFilt: rows without an image</h3>" + _table(["what", "rows"], rows, (1,)))
+    return "".join(parts) or '<p class="note">nothing failed</p>'
 
 
 # ================================================================================== report
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; max-width: 1400px; line-height: 1.35; }
+h1 { margin: 0 0 0.2em; font-size: 1.6em; } h2 { margin-top: 1.6em; border-bottom: 2px solid #ddd; }
+h3 { margin: 1.2em 0 0.4em; font-size: 1.05em; }
+.meta { color: #666; font-size: 0.9em; margin: 0; } nav { margin: 0.6em 0 0; font-size: 0.95em; }
+a { color: #2456a4; }
+table { border-collapse: collapse; margin: 0.4em 0; font-size: 0.9em; }
+th, td { border: 1px solid #d6d6d6; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.urls { font-family: ui-monospace, monospace; font-size: 0.85em; overflow-wrap: anywhere; max-width: 38em; }
+.tiles { display: flex; flex-wrap: wrap; gap: 0.8em; margin: 0.8em 0; }
+.tile { border: 1px solid #d6d6d6; border-radius: 6px; padding: 0.5em 0.9em; min-width: 8.5em; background: #fafafa; }
+.tlabel { color: #555; font-size: 0.85em; } .tvalue { font-size: 1.5em; font-weight: 600; }
+.tsub { color: #777; font-size: 0.8em; }
+figure { margin: 0.4em 0; } figure img { max-width: 100%; border: 1px solid #e3e3e3; }
+figcaption { color: #666; font-size: 0.85em; }
+.note { color: #777; font-style: italic; font-size: 0.9em; }
+.stages { display: flex; flex-wrap: wrap; gap: 1.2em; } details summary { cursor: pointer; color: #2456a4; }
+.binrow { display: flex; gap: 0.6em; border-top: 1px solid #eee; padding: 0.4em 0; }
+.binhead { flex: none; width: 6.5em; white-space: nowrap; font-size: 0.85em; font-weight: 600; }
+.cards { display: grid; grid-template-columns: repeat(4, minmax(0, 1fr)); gap: 0.5em; flex: 1; }
+.card { border: 1px solid #ccc; border-radius: 6px; padding: 0.4em; display: flex; gap: 0.5em; font-size: 0.8em; min-width: 0; }
+.card img, .card .noimg { width: 72px; height: 72px; object-fit: contain; image-rendering: pixelated; flex: none; }
+img.small, .noimg.small { width: 40px; height: 40px; object-fit: contain; image-rendering: pixelated; }
+.noimg { background: #eee; color: #888; font-size: 0.75em; display: flex; align-items: center; justify-content: center; }
+.text { margin-bottom: 0.3em; } .said { overflow-wrap: anywhere; }
+.src { font-weight: 600; } .keep { color: #107010; font-weight: 600; } .drop { color: #b01010; font-weight: 600; }
+.score { color: #555; font-variant-numeric: tabular-nums; } .reason { color: #999; }
+.true { color: #107010; } .false { color: #b01010; }
+table.borderline td { padding: 0.1em 0.5em; vertical-align: middle; font-size: 0.95em; }
+"""
 
 
 def write_report(
@@ -364,44 +627,40 @@ def write_report(
     *,
     title: str = "capfilt run report",
     stages: Mapping[str, Mapping[str, Any]] | None = None,
+    runs: Sequence[StageRun] | None = None,
     rounds: Mapping[str, Mapping[str, Any]] | None = None,
     capfilt: Mapping[str, Any] | None = None,
     candidates: pa.Table | None = None,
     images: Mapping[str, bytes] | pa.Table | None = None,
+    samples: pa.Table | None = None,
     threshold: float = 0.5,
-    n_examples: int = 6,
+    per_bin: int = 4,
+    n_borderline: int = 50,
     seed: int = 0,
 ) -> Path:
-    """Write the HTML report of a run; returns its path. Plots go to ``<out_html stem>_files/``.
+    """Write the HTML report of a run; returns its path. Figures, thumbnails and ``report.json``
+    (every figure the page shows, for machines) go to ``<out_html stem>_files/``.
 
     - ``run_dir``: the run's folder, shown in the header; a relative ``out_html`` is placed in it.
-    - ``stages``: stage name -> its stats dict (nested dicts are flattened), one table each.
+    - ``stages``: stage name -> its report table (``Stage.report``), shown under Stage details.
+    - ``runs``: the stages' manifests (``report_inputs.stage_runs``); read from ``run_dir`` when None.
     - ``rounds``: round name -> evaluation dict (``evaluate_model``'s result), for the round table.
     - ``capfilt``: ``evaluate_capfilt``'s result (filter quality and noise).
     - ``candidates``: CANDIDATE rows of the CapFilt round; with a ``truth`` column
-      (``evaluate.label_candidates``) the histograms also split by ground truth.
-    - ``images``: thumbnails for the examples: uid -> encoded image bytes, or a table with uid and
-      image columns (SAMPLE rows); only the uids of ``example_uids`` are used.
+      (``evaluate.label_candidates``) the threshold section adds precision and recall.
+    - ``images``: thumbnails: uid -> encoded image bytes, or a table with uid and image columns
+      (SAMPLE rows); only the images shown are decoded.
+    - ``samples``: SAMPLE rows with url, status and reason, for example URLs of failed downloads.
     """
     run = Path(run_dir)
     out = Path(out_html)
     if not out.is_absolute():
         out = run / out
     out.parent.mkdir(parents=True, exist_ok=True)
-    files_dir = out.parent / f"{out.stem}_files"
-    files_dir.mkdir(exist_ok=True)
-
-    sections = []
-    if rounds:
-        rows = round_rows(rounds)
-        sections.append(f"<h2>Rounds</h2>{_html_table(rows, changes=True)}")
-    if capfilt:
-        sections.append(f"<h2>CapFilt quality</h2>{_kv_table(capfilt)}")
-    if stages:
-        tables = "".join(
-            f"<div><h3>{_e(name)}</h3>{_kv_table(stats)}</div>" for name, stats in stages.items()
-        )
-        sections.append(f'<h2>Stages</h2><div class="stages">{tables}</div>')
+    files = out.parent / f"{out.stem}_files"
+    files.mkdir(exist_ok=True)
+    if runs is None:
+        runs = stage_runs(run) if run.is_dir() else []
     if candidates is not None:
         missing = [
             c
@@ -410,28 +669,64 @@ def write_report(
         ]
         if missing:
             raise ValueError(f"candidates lack column(s) {missing}; pass CANDIDATE rows")
-        plots = []
-        for name, caption in _histograms(candidates, files_dir, threshold):
-            if name:
-                src = f"{files_dir.name}/{name}"
-                plots.append(
-                    f'<figure><img src="{_e(src)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
-                )
-            else:
-                plots.append(f'<p class="note">{_e(caption)}</p>')
-        sections.append(f'<h2>ITM scores</h2><div class="plots">{"".join(plots)}</div>')
-        sections.append(f"<h2>Examples</h2>{_examples(candidates, images, n_examples, seed)}")
 
+    body = {
+        "headline": _headline(runs, rounds, capfilt, candidates),
+        "threshold": _threshold(candidates, capfilt or {}, files, threshold)
+        if candidates is not None
+        else '<p class="note">no CapFilt round in this run</p>',
+        "removed": _removed(candidates, images, files, threshold, per_bin, n_borderline, seed)
+        if candidates is not None
+        else '<p class="note">no CapFilt round in this run</p>',
+        "failures": _failures(runs, candidates, samples),
+        "details": _details(stages, capfilt),
+    }
+    raw = {
+        "title": title,
+        "threshold": threshold,
+        "stages": {r.name: {"state": r.state, "wall_s": r.wall_s, "result": r.result} for r in runs},
+        "rounds": rounds or {},
+        "capfilt": capfilt or {},
+    }
+    (files / "report.json").write_text(json.dumps(_plain(raw), indent=1, default=str))
+    links = [f'<a href="{_e(files.name)}/report.json">raw JSON (report.json)</a>']
+    if (out.parent / "results.json").is_file():
+        links.append('<a href="results.json">results.json</a>')
+    nav = " · ".join(f'<a href="#{key}">{_e(heading)}</a>' for key, heading in SECTIONS)
+    sections = "".join(
+        f'<section id="{key}"><h2>{_e(heading)}</h2>{body[key]}</section>' for key, heading in SECTIONS
+    )
     when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f'<h1>{_e(title)}</h1><p class="meta">run {_e(run)} · written {_e(when)}</p>'
-        f"{''.join(sections) or '<p class=note>nothing to report</p>'}"
-        "</body></html>\n"
+        f'<h1>{_e(title)}</h1><p class="meta">run {_e(run)} · written {_e(when)} · threshold ITM ≥ {threshold:g} · '
+        f"{' · '.join(links)}</p><nav>{nav}</nav>{sections}</body></html>\n"
     )
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
     log.info("wrote report %s", out)
     return out
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None, so report.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _details(stages: Mapping[str, Mapping[str, Any]] | None, quality: Mapping[str, Any] | None) -> str:
+    """Every field each stage reports, and CapFilt's quality figures, as recorded (collapsed)."""
+    tables = "".join(f"<div><h3>{_e(name)}</h3>{_kv_table(t)}</div>" for name, t in (stages or {}).items())
+    if quality:
+        tables += f"<div><h3>CapFilt quality</h3>{_kv_table(quality)}</div>"
+    if not tables:
+        return '<p class="note">no stage table</p>'
+    return f'<details><summary>every field, as the stages record it</summary><div class="stages">{tables}</div></details>'

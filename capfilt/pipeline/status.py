@@ -10,6 +10,9 @@ may be local or on object storage (``capfilt status s3://bucket/runs/x``). The s
   and ``_summary.json`` (shards that failed every attempt in the last pass);
 - training folders: ``train_config.json`` (planned steps), ``<run_name>/checkpoint_<step>/`` and
   ``train_summary.json`` (the run finished).
+
+``Watcher`` (``capfilt status RUN --watch``) repeats the same reads and adds, from the stats files'
+modification times, each running stage's images/s now and its ETA.
 """
 
 from __future__ import annotations
@@ -131,3 +134,134 @@ def run_status(path: str | Path | RemotePath) -> RunStatus:
         f"{run} is neither a run folder (no {STAGES_DIR}/ or {RUN_FILE}) nor a download or CapFilt "
         f"output folder (no {MANIFEST}); pass the `out:` folder of a recipe"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# `capfilt status --watch`: the same reads, repeated, with rates and ETAs from the stats files' times.
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_failed(st: StageStatus) -> bool:
+    """A sharded stage that gave up: every shard is done or failed every attempt, some failed, and
+    its manifest is not done (the runner stopped there)."""
+    if st.state == DONE or not st.shards_failed or st.shards_total is None or st.shards_done is None:
+        return False
+    return st.shards_done + len(st.shards_failed) >= st.shards_total
+
+
+def run_over(st: RunStatus) -> bool:
+    """Nothing more will happen without a rerun: every stage done, or one failed."""
+    return st.done or any(stage_failed(s) for s in st.stages)
+
+
+class Watcher:
+    """Reads a run folder again and again (``poll``) and draws what it reads (``frame``).
+
+    "Images/s now" and the ETA come from the stats files' modification times: the images of the
+    last ``recent`` shards finished, over the time since the oldest of them finished, so a stage
+    that stalls shows its rate falling. A stats file is read once (it is written last and never
+    changed). Reads only the run's files, through ``capfilt.core.fs``.
+    """
+
+    def __init__(self, path: str | Path, recent: int = 8, clock: Any = None) -> None:
+        import time
+
+        from capfilt.core import fs
+
+        self.path = path
+        self.loc = fs.location(str(path))
+        self.recent = recent
+        self.clock = clock or time.time
+        self.status: RunStatus | None = None
+        self._stats: dict[str, tuple[float, int]] = {}  # stats file -> (mtime, images)
+        self._is_run = (self.loc / RUN_FILE).is_file() or (self.loc / STAGES_DIR).is_dir()
+
+    def poll(self) -> RunStatus:
+        self.status = run_status(self.path)
+        return self.status
+
+    def _finished(self, stage: str) -> list[tuple[float, int]]:
+        """(mtime, images) of every stats file of ``stage``'s folder, oldest first."""
+        from capfilt.core import fs
+        from capfilt.core.layout import STATS_DIR
+
+        d = self.loc / stage if self._is_run else self.loc
+        found: list[fs.Location] = list((d / STATS_DIR).glob("*.json"))
+        for p in found:
+            key = str(p)
+            if key not in self._stats:
+                stats = fs.read_json(p)
+                images = stats.get("images")
+                if not isinstance(images, int):  # a download shard: its rows downloaded
+                    images = int((stats.get("status_counts") or {}).get("success", 0))
+                self._stats[key] = (p.stat().st_mtime, images)
+        return sorted(self._stats[str(p)] for p in found)
+
+    def rates(self, stage: str) -> tuple[float, float] | None:
+        """(images/s, shards/s) now, or None before two shards have finished."""
+        recent = self._finished(stage)[-self.recent :]
+        if len(recent) < 2:
+            return None
+        span = self.clock() - recent[0][0]
+        if span <= 0:
+            return None
+        return sum(images for _, images in recent[1:]) / span, (len(recent) - 1) / span
+
+    def frame(self, interval: float, top_reasons: int = 3) -> list[str]:
+        """The screen: a title, one row per stage, failures by reason."""
+        import datetime as dt
+
+        st = self.status or self.poll()
+        n_done = sum(s.state == DONE for s in st.stages)
+        when = dt.datetime.now().strftime("%H:%M:%S")
+        title = f"run {st.name} in {st.path}" if st.name else st.path
+        out = [
+            f"{title}: {n_done} of {len(st.stages)} stage(s) done",
+            f"refreshed {when}, every {interval:g} s; Ctrl-C stops watching (the run goes on)",
+            "",
+        ]
+        rows = [("stage", "state", "shards done", "images", "images/s now", "ETA", "progress")]
+        for s in st.stages:
+            state = "failed" if stage_failed(s) else s.state
+            shards = "-" if s.shards_done is None else f"{s.shards_done}/{s.shards_total}"
+            if s.shards_failed:
+                shards += f" ({len(s.shards_failed)} failed)"
+            images = rate = eta = "-"
+            if s.shards_done is not None:
+                finished = self._finished(s.name)
+                images = f"{sum(i for _, i in finished):,}"
+                r = self.rates(s.name) if s.state == UNFINISHED and not stage_failed(s) else None
+                if r is not None:
+                    rate = f"{r[0]:.1f}" if r[0] >= 1 else f"{r[0]:.3g}"
+                    left = (s.shards_total or 0) - s.shards_done - len(s.shards_failed)
+                    eta = _duration(left / r[1]) if r[1] > 0 and left > 0 else "-"
+            if s.state == DONE and s.wall_s is not None:
+                eta = f"took {_duration(s.wall_s)}"
+            rows.append((s.name, state, shards, images, rate, eta, s.progress))
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        out += [
+            ("  " + "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6]).rstrip()
+            for r in rows
+        ]
+        failing = [s for s in st.stages if s.failures]
+        if failing:
+            out += ["", "failures by reason:"]
+            for s in failing:
+                for reason, count in list(s.failures.items())[:top_reasons]:
+                    out.append(f"  {s.name:<9} {count:>8,}  {reason[:90]}")
+                if len(s.failures) > top_reasons:
+                    out.append(f"  {s.name:<9} {'':>8}  ... {len(s.failures) - top_reasons} more reason(s)")
+        return out
+
+    def final_line(self, interrupted: bool) -> str:
+        st = self.status or self.poll()
+        n_done = sum(s.state == DONE for s in st.stages)
+        failed = [s.name for s in st.stages if stage_failed(s)]
+        if st.done:
+            walls = [s.wall_s for s in st.stages if s.wall_s is not None]
+            return f"run done: {n_done} of {len(st.stages)} stage(s) done in {_duration(sum(walls))} of stage time"
+        if failed:
+            return f"run stopped: {', '.join(failed)} failed; `capfilt run` with the same recipe retries it"
+        if interrupted:
+            return f"stopped watching: {n_done} of {len(st.stages)} stage(s) done; the run goes on"
+        return f"{n_done} of {len(st.stages)} stage(s) done"

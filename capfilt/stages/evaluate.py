@@ -79,6 +79,7 @@ def evaluate_run(run: Any, d: StageDir) -> dict[str, Any]:
     from capfilt.eval.evaluate import evaluate_model, write_results
     from capfilt.eval.quality import evaluate_capfilt, label_candidates
     from capfilt.eval.report import write_report
+    from capfilt.eval.report_inputs import stage_runs
     from capfilt.eval.split import load_split, load_world_test_split
     from capfilt.model.checkpoint import load_checkpoint
     from capfilt.model.tokenizer import TokenIds, load_tokenizer
@@ -109,10 +110,14 @@ def evaluate_run(run: Any, d: StageDir) -> dict[str, Any]:
     threshold = rec.section("capfilt").threshold
     if run.has("capfilt"):
         candidates = read_candidates(run.dir("capfilt"))
-        samples = read_samples(run.dir("download"), columns=["uid", "row", "status", "image"])
+        samples = read_samples(
+            run.dir("download"), columns=["uid", "row", "url", "status", "reason", "image"]
+        )
         if world is not None:
             quality = evaluate_capfilt(candidates, samples, world, threshold=threshold)
             candidates = label_candidates(candidates, samples, world)
+    elif run.has("download"):  # the report's example URLs of failed downloads
+        samples = read_samples(run.dir("download"), columns=["uid", "row", "url", "status", "reason"])
     results = {"rounds": rounds, "capfilt": quality}
     write_results(d / "results.json", results)
     with tempfile.TemporaryDirectory(prefix="capfilt-report-") as tmp:
@@ -122,10 +127,12 @@ def evaluate_run(run: Any, d: StageDir) -> dict[str, Any]:
             local.resolve() / "report.html",  # absolute: write_report places a relative path inside run.out
             title=f"capfilt run {rec.name}",
             stages=stage_tables(run),
+            runs=stage_runs(run.out),
             rounds=rounds,
             capfilt=quality,
             candidates=candidates,
             images=samples,
+            samples=samples,
             threshold=threshold,
         )
         if not isinstance(d, Path):

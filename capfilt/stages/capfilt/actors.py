@@ -1,5 +1,6 @@
 """CapFilt's Ray Data actors: each loads its model from a path once, in ``__init__``, then only
-calls the batch functions on the chunks it gets."""
+calls the batch functions on the chunks it gets (the filter, given a run folder, also hands its
+candidate rows to ``writer.write_parts`` and returns the receipts)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from capfilt.stages.capfilt.chunks import candidates_of_chunks, map_chunks
 from capfilt.stages.capfilt.config import CapFiltConfig
 from capfilt.stages.capfilt.models import ModelRef, load_model
 from capfilt.stages.capfilt.score import score_batch
+from capfilt.stages.capfilt.writer import write_parts
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +46,22 @@ class CaptionerActor:
 
 
 class FilterActor:
-    """Loads the filter from a path and turns chunks of images into scored candidate rows."""
+    """Loads the filter from a path and turns chunks of images into scored candidate rows; with
+    ``out``, writes them to part files there and returns their receipts."""
 
-    def __init__(self, ref: ModelRef, cfg: CapFiltConfig) -> None:
+    def __init__(self, ref: ModelRef, cfg: CapFiltConfig, out: str | None = None) -> None:
         from capfilt.model.tokenizer import load_tokenizer
 
         t0 = time.time()
         _set_threads(cfg)
         self.cfg = cfg
+        self.out = out
         self.model = load_model(ref, "filter", cfg)
         self.tokenizer = load_tokenizer(ref.tokenizer)
         log.info("filter %s ready in %.1f s", ref.model_id, time.time() - t0)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        return candidates_of_chunks(
+        candidates = candidates_of_chunks(
             batch, lambda images: score_batch(self.model, self.tokenizer, images, self.cfg)
         )
+        return candidates if self.out is None else write_parts(candidates, self.out)

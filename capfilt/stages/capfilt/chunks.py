@@ -8,12 +8,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.stages.capfilt.config import CapFiltConfig
 from capfilt.stages.capfilt.pixels import preprocess_batch
 from capfilt.stages.capfilt.score import CANDIDATE_FIELDS, unscored_batch
+from capfilt.stages.capfilt.writer import write_parts
 
 # Chunks: one Ray row per model batch.
 #
@@ -70,25 +71,27 @@ def map_chunks(batch: dict[str, Any], fn: Any) -> dict[str, np.ndarray]:
 
 
 def candidates_of_chunks(batch: dict[str, Any], fn: Any) -> pa.Table:
-    """Candidate rows of every chunk of a batch, each tagged with its input shard."""
+    """Candidate rows of every chunk of a batch, each tagged with its input shard and chunk."""
     tables = []
     for i in range(len(batch["chunk"])):
         table = fn(_unpack(batch, i))
-        tables.append(
-            table.append_column("input_shard", pa.array([str(batch["input_shard"][i])] * table.num_rows))
-        )
-    return pa.concat_tables(tables) if tables else pa.schema(CANDIDATE_FIELDS).empty_table()
+        n = table.num_rows
+        table = table.append_column("input_shard", pa.array([str(batch["input_shard"][i])] * n, pa.string()))
+        tables.append(table.append_column("chunk", pa.array([int(batch["chunk"][i])] * n, pa.int64())))
+    if tables:
+        return pa.concat_tables(tables)
+    return pa.schema([*CANDIDATE_FIELDS, pa.field("chunk", pa.int64())]).empty_table()
 
 
 def read_chunks(batch: dict[str, Any], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Ray task: stream each shard in ``batch`` (``path``, ``input_shard``) and yield its
     downloaded images (status success) as chunks of ``batch_size``, one Ray row per chunk. Rows
-    that are not images never leave the file; the driver counts them."""
+    that are not images never leave the file; the driver counts them (``inputs._plan``)."""
     columns = ["uid", "text", "status", "row", "image"]
     for path, shard in zip(batch["path"], batch["input_shard"], strict=True):
         pending: list[pa.Table] = []
         buffered = chunk = 0
-        for record_batch in pq.ParquetFile(str(path)).iter_batches(
+        for record_batch in fs.parquet_file(str(path)).iter_batches(
             batch_size=max(batch_size, 256), columns=columns
         ):
             part = pa.Table.from_batches([record_batch])
@@ -108,6 +111,8 @@ def preprocess_chunks(batch: dict[str, Any], image_sizes: Sequence[int]) -> dict
     return map_chunks(batch, lambda images: preprocess_batch(images, image_sizes))
 
 
-def unscored_chunks(batch: dict[str, Any], cfg: CapFiltConfig) -> pa.Table:
-    """Ray task: candidate rows of each chunk without a filter (``unscored_batch``)."""
-    return candidates_of_chunks(batch, lambda images: unscored_batch(images, cfg))
+def unscored_chunks(batch: dict[str, Any], cfg: CapFiltConfig, out: str | None = None) -> pa.Table:
+    """Ray task: candidate rows of each chunk without a filter (``unscored_batch``); with ``out``,
+    written to part files there (``writer.write_parts``), their receipts returned."""
+    candidates = candidates_of_chunks(batch, lambda images: unscored_batch(images, cfg))
+    return candidates if out is None else write_parts(candidates, out)

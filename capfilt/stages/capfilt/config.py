@@ -29,6 +29,12 @@ class CapFiltConfig(BaseModel):
     seed: int = 0
     # Filter: how texts are scored and decided.
     threshold: float = Field(0.5, ge=0, le=1)
+    # Per text source ("web", "synthetic"), overriding `threshold`: what `capfilt calibrate` picks.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    # Which of an image's texts are kept (capfilt.stages.capfilt.select): BLIP's "threshold", the
+    # `top_n` best synthetic captions, or the single "best" text; each must reach its threshold.
+    select: Literal["threshold", "top_n", "best"] = "threshold"
+    top_n: int = Field(1, ge=1)
     max_words: int = Field(30, ge=1)  # pre_caption before scoring; the stored text is the original
     max_text_tokens: int = Field(35, ge=4)  # BLIP's retrieval length
     # Outputs.
@@ -59,6 +65,9 @@ class CapFiltConfig(BaseModel):
                 f"k={self.k} captions per image need at least {self.k} beams without sampling "
                 f"(got num_beams {self.num_beams}); raise --beam or lower --k"
             )
+        bad = {k: v for k, v in self.thresholds.items() if k not in ("web", "synthetic") or not 0 <= v <= 1}
+        if bad:
+            raise ValueError(f"thresholds {bad}: give text sources web/synthetic, each in [0, 1]")
         if self.min_length > self.max_length:
             raise ValueError(f"min_length {self.min_length} exceeds max_length {self.max_length}")
         return self

@@ -3,9 +3,12 @@ the files a shard's decisions go to."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from capfilt.core.layout import CANDIDATES_DIR, CAPTIONS_DIR, CLEANED_DIR, STATS_DIR
+
+if TYPE_CHECKING:
+    from capfilt.core.fs import Location
 
 KEEP, DROP = "keep", "drop"
 # Reasons are categories; only "image not decodable" and "image file missing" carry a detail, after ": ".
@@ -34,7 +37,7 @@ def kept_dir(filtered: bool) -> str:
     return CLEANED_DIR if filtered else CAPTIONS_DIR
 
 
-def shard_paths(out: Path, name: str, kept: str = CLEANED_DIR) -> tuple[Path, Path, Path]:
+def shard_paths(out: Location, name: str, kept: str = CLEANED_DIR) -> tuple[Location, Location, Location]:
     """Shard ``name``'s files in run folder ``out``: every candidate, the kept texts (in folder
     ``kept``, see ``kept_dir``), and the stats (written last: they mark the shard done)."""
     return (

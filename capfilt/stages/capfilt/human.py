@@ -1,4 +1,6 @@
-"""Human pairs (COCO-Karpathy JSON or SAMPLE shards): passed through CapFilt unscored, into their own shards."""
+"""Human pairs (COCO-Karpathy JSON or SAMPLE shards): passed through CapFilt unscored, into their own
+shards. The driver plans them from texts and image paths only; ``write_human_shard`` runs as a Ray
+task and is the only reader of their images."""
 
 from __future__ import annotations
 
@@ -6,16 +8,16 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
+from capfilt.core.fs import Location
 from capfilt.core.shards import write_json_atomic, write_parquet_atomic
 from capfilt.core.text import pre_caption
 from capfilt.stages.capfilt.config import CapFiltConfig
@@ -27,7 +29,7 @@ from capfilt.stages.capfilt.decisions import (
     REASON_MISSING,
     shard_paths,
 )
-from capfilt.stages.capfilt.inputs import _input_files
+from capfilt.stages.capfilt.inputs import _input_files, input_images
 from capfilt.stages.capfilt.writer import cleaned_table, shard_stats
 
 HUMAN_PREFIX = "human-"  # human shards are named human-NNNNN beside the web shards
@@ -36,27 +38,28 @@ HUMAN_PREFIX = "human-"  # human shards are named human-NNNNN beside the web sha
 @dataclass
 class HumanShard:
     name: str
-    pairs: pa.Table  # uid, text, text_index, url, image_ref, and image when read from shards
+    pairs: pa.Table  # uid, text, text_index, url, image_ref: no image bytes
+    source: Location | None = None  # the SAMPLE shard whose rows hold the images; None: image files
 
 
-def human_shards(human: Path, images_dir: Path | None, shard_size: int) -> list[HumanShard]:
+def human_shards(human: Location, images_dir: Location | None, shard_size: int) -> list[HumanShard]:
     """Human pairs from a COCO-Karpathy-style JSON list (``image``: path under ``images_dir``,
     ``caption``: str or list) or from a folder of SAMPLE shards (success rows)."""
     if human.is_dir():
         shards = []
         for f in _input_files(human, "--human"):
-            t = pq.read_table(f, columns=["uid", "url", "text", "status", "image"])
+            t = fs.read_parquet(f, columns=["uid", "url", "text", "status"])
             t = t.filter(pc.equal(t.column("status"), S.SUCCESS)).drop(["status"])
             t = t.append_column("text_index", pa.array([0] * t.num_rows, pa.int64()))
             t = t.append_column("image_ref", pa.array([str(f.resolve())] * t.num_rows, pa.string()))
-            shards.append(HumanShard(f"{HUMAN_PREFIX}{f.stem}", t))
+            shards.append(HumanShard(f"{HUMAN_PREFIX}{f.stem}", t, f.resolve()))
         return shards
     if not human.is_file():
         raise ConfigError(
             f"--human {human} does not exist; pass a Karpathy-style JSON file or a shards folder"
         )
     try:
-        entries = json.loads(human.read_text())
+        entries = json.loads(human.read_bytes())
     except json.JSONDecodeError as err:
         raise ConfigError(f"--human {human} is not JSON: {err}") from err
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "image" in e for e in entries):
@@ -93,13 +96,14 @@ def human_shards(human: Path, images_dir: Path | None, shard_size: int) -> list[
     ]
 
 
-def write_human_shard(out: Path, shard: HumanShard, cfg: CapFiltConfig) -> dict[str, Any]:
+def write_human_shard(out: Location, shard: HumanShard, cfg: CapFiltConfig) -> dict[str, Any]:
+    """Ray task: a human shard's candidates, cleaned rows (images read here), then stats (last)."""
     t0 = time.time()
     pairs = shard.pairs
     n = pairs.num_rows
-    from_files = "image" not in pairs.column_names
+    from_files = shard.source is None
     refs = pairs.column("image_ref").to_pylist()
-    exists = [Path(r).is_file() for r in refs] if from_files else [True] * n
+    exists = [fs.location(r).is_file() for r in refs] if from_files else [True] * n
     decision, reason = [], []
     for text, ok, ref in zip(pairs.column("text").to_pylist(), exists, refs, strict=True):
         if not ok:
@@ -128,6 +132,7 @@ def write_human_shard(out: Path, shard: HumanShard, cfg: CapFiltConfig) -> dict[
             "text_index": idx,
             "itm_score": pa.nulls(n, pa.float32()),
             "itc_score": pa.nulls(n, pa.float32()),
+            "rank": pa.nulls(n, pa.int32()),
             "decision": decision,
             "reason": reason,
             "round": pa.array([cfg.round] * n, pa.int32()),
@@ -136,18 +141,19 @@ def write_human_shard(out: Path, shard: HumanShard, cfg: CapFiltConfig) -> dict[
         }
     )
     candidates = S.conform(candidates, S.CANDIDATE)
-    if from_files:
+    if shard.source is None:
         want = cfg.images == "include"
         data = [
-            Path(r).read_bytes() if want and ok and d == KEEP else None
+            fs.location(r).read_bytes() if want and ok and d == KEEP else None
             for r, ok, d in zip(refs, exists, decision, strict=True)
         ]
         images = pairs.append_column("image", pa.array(data, pa.binary()))
+        # One image row per uid: the join is by uid.
+        _, first = np.unique(np.asarray(images.column("uid").to_pylist(), dtype=object), return_index=True)
+        images = images.take(pa.array(np.sort(first))).select(["uid", "url", "image", "image_ref"])
     else:
-        images = pairs
-    # One image row per uid: the join is by uid.
-    _, first = np.unique(np.asarray(images.column("uid").to_pylist(), dtype=object), return_index=True)
-    images = images.take(pa.array(np.sort(first))).select(["uid", "url", "image", "image_ref"])
+        kept = {u for u, d in zip(uids, decision, strict=True) if d == KEEP}
+        images = input_images(shard.source, kept, cfg.images)
     cleaned = cleaned_table(candidates, images, cfg.images)
     candidates_file, kept_file, stats_file = shard_paths(out, shard.name)
     write_parquet_atomic(candidates_file, candidates)

@@ -1,17 +1,18 @@
-"""CapFilt's input: the download shards of a folder, what each holds, and the images of given rows."""
+"""CapFilt's input: the download shards of a folder (local or on object storage), what each holds,
+and the images of given rows."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
+from capfilt.core.fs import Location
 
 REQUIRED_INPUT = ("uid", "url", "text", "status", "row", "image")
 
@@ -21,17 +22,17 @@ class _Plan:
     """One input shard: where it is and what it holds."""
 
     name: str
-    path: Path
+    path: Location
     rows_in: int
     images: int
     status_counts: dict[str, int]
 
 
-def _input_files(data: Path, flag: str = "--data") -> list[Path]:
+def _input_files(data: Location, flag: str = "--data") -> list[Location]:
     """The shard files of a folder, skipping bookkeeping (``_*``) and temp (``.*``) names."""
     if not data.is_dir():
         raise ConfigError(f"{flag} {data} is not a folder; pass the output folder of `capfilt download`")
-    files = sorted(p for p in data.glob("*.parquet") if not p.name.startswith(("_", ".")))
+    files = sorted((p for p in data.glob("*.parquet") if not p.name.startswith(("_", "."))), key=str)
     if not files:
         raise ConfigError(
             f"{flag} {data} holds no .parquet shards; pass the output folder of `capfilt download`"
@@ -39,16 +40,17 @@ def _input_files(data: Path, flag: str = "--data") -> list[Path]:
     return files
 
 
-def _plan(files: list[Path]) -> list[_Plan]:
+def _plan(files: list[Location]) -> list[_Plan]:
+    """What each shard holds, from its schema and its status column (never its images)."""
     plans = []
     for f in files:
-        names = pq.read_schema(f).names
+        names = fs.read_schema(f).names
         missing = [c for c in REQUIRED_INPUT if c not in names]
         if missing:
             raise ConfigError(
                 f"input shard {f} lacks column(s) {missing}; CapFilt reads SAMPLE shards ({list(REQUIRED_INPUT)})"
             )
-        status = Counter(pq.read_table(f, columns=["status"]).column("status").to_pylist())
+        status = Counter(fs.read_parquet(f, columns=["status"]).column("status").to_pylist())
         plans.append(
             _Plan(
                 f.stem,
@@ -64,10 +66,11 @@ def _plan(files: list[Path]) -> list[_Plan]:
     return plans
 
 
-def input_images(path: Path, uids: set[str], images_mode: str) -> pa.Table:
-    """uid, url, image and image_ref of the rows of a SAMPLE shard whose uid is in ``uids``."""
+def input_images(path: Location, uids: set[str], images_mode: str) -> pa.Table:
+    """uid, url, image and image_ref of the rows of a SAMPLE shard whose uid is in ``uids``. Runs
+    where the shard is written (a Ray worker), never in the driver: it reads image bytes."""
     columns = ["uid", "url"] + (["image"] if images_mode == "include" else [])
-    table = pq.read_table(path, columns=columns)
+    table = fs.read_parquet(path, columns=columns)
     table = table.filter(pc.is_in(table.column("uid"), pa.array(sorted(uids), pa.string())))
     if "image" not in table.column_names:
         table = table.append_column("image", pa.nulls(table.num_rows, pa.binary()))

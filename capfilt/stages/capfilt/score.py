@@ -13,6 +13,7 @@ from capfilt.core.text import pre_caption
 from capfilt.stages.capfilt.config import CapFiltConfig
 from capfilt.stages.capfilt.decisions import DROP, KEEP, REASON_EMPTY, REASON_NO_FILTER, decide
 from capfilt.stages.capfilt.pixels import device_dtype, error_column, pixel_column, pixel_values, str_or_none
+from capfilt.stages.capfilt.select import select_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -30,6 +31,7 @@ _CANDIDATE_COLUMNS = (
     "text_index",
     "itm_score",
     "itc_score",
+    "rank",
     "decision",
     "reason",
 )
@@ -67,6 +69,7 @@ def _assemble(
             cols["text_index"].append(index)
             cols["itm_score"].append(None)
             cols["itc_score"].append(None)
+            cols["rank"].append(None)
             for c in carry:
                 cols[c].append(batch[c][i])
             if errors[i] is not None:
@@ -133,5 +136,17 @@ def score_batch(
             to_score, itm.float().cpu().tolist(), itc.float().cpu().tolist(), strict=True
         ):
             cols["itm_score"][r], cols["itc_score"][r] = p, c
-            cols["decision"][r], cols["reason"][r] = decide(p, cfg.threshold)
+        # Every text of an image is in this batch: the selection policy sees them all.
+        cols["decision"], cols["reason"], cols["rank"] = select_rows(
+            cols["uid"],
+            cols["text_source"],
+            cols["text_index"],
+            cols["itm_score"],
+            cols["decision"],
+            cols["reason"],
+            policy=cfg.select,
+            n=cfg.top_n,
+            threshold=cfg.threshold,
+            thresholds=cfg.thresholds,
+        )
     return _as_table(cols)

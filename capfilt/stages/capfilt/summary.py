@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.core.layout import CLEANED_DIR, MANIFEST, STATS_DIR
 from capfilt.core.shards import read_json
@@ -65,9 +66,9 @@ class CapFiltSummary:
         )
         out.append(f"wall time:          {self.wall_s:.1f} s")
         if not filtered:
-            out.append(f"caption shards:     {Path(self.out_dir) / self.kept_dir}")
+            out.append(f"caption shards:     {fs.location(self.out_dir) / self.kept_dir}")
         if filtered or self.human_pairs:
-            out.append(f"cleaned shards:     {Path(self.out_dir) / CLEANED_DIR}")
+            out.append(f"cleaned shards:     {fs.location(self.out_dir) / CLEANED_DIR}")
         return out
 
 
@@ -81,13 +82,12 @@ def by_source(d: Mapping[str, Any], fmt: Callable[[Any], str] = str) -> str:
     return ", ".join(f"{k} {fmt(v) if v is not None else '-'}" for k, v in sorted(d.items())) or "-"
 
 
-def summarize(out: str | Path, threshold: float, shards_total: int = 0) -> CapFiltSummary:
-    """Add up every finished shard's stats under ``out``."""
-    out = Path(out)
+def summarize(out: str | Path | fs.RemotePath, threshold: float, shards_total: int = 0) -> CapFiltSummary:
+    """Add up every finished shard's stats under ``out`` (a local folder or a URI)."""
+    out = fs.location(out)
     manifest = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else {}
-    stats = (
-        [read_json(p) for p in sorted((out / STATS_DIR).glob("*.json"))] if (out / STATS_DIR).exists() else []
-    )
+    files: list[fs.Location] = [*(out / STATS_DIR).glob("*.json")] if (out / STATS_DIR).exists() else []
+    stats = [read_json(p) for p in sorted(files, key=str)]
     sums: dict[str, Counter[str]] = defaultdict(Counter)
     fsums: dict[str, defaultdict[str, float]] = {"itm_sum": defaultdict(float), "itc_sum": defaultdict(float)}
     images = undecodable = no_kept = human = 0

@@ -1,26 +1,32 @@
-"""Writing one shard's outputs atomically: candidates, kept rows (cleaned/ or captions/), then its stats
-(last: they mark it done)."""
+"""Writing CapFilt's outputs in Ray workers: each chunk's candidate rows to a part file
+(``write_parts``, the last act of the filter actor or of the unscored step), then each shard's
+outputs atomically from its parts and its input shard's images (``write_web_shard``, a Ray task):
+candidates, kept rows (cleaned/ or captions/), then its stats (last: they mark it done). The
+driver only sees the small receipts and stats these return."""
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.core.errors import StageFailed
-from capfilt.core.layout import CLEANED_DIR
-from capfilt.core.shards import write_json_atomic, write_parquet_atomic
+from capfilt.core.fs import Location
+from capfilt.core.layout import CLEANED_DIR, PARTS_DIR
+from capfilt.core.shards import inside, write_json_atomic, write_parquet_atomic
 from capfilt.stages.capfilt.config import STAGE, CapFiltConfig
 from capfilt.stages.capfilt.decisions import KEEP, REASON_UNDECODABLE, kept_dir, reason_key, shard_paths
 from capfilt.stages.capfilt.inputs import _Plan, input_images
 from capfilt.stages.capfilt.score import CANDIDATE_FIELDS
+from capfilt.stages.capfilt.select import selection_record
 
 # Schema metadata of a kept-texts shard written with images="reference".
 IMAGES_KEY = b"capfilt.images"  # b"ref": the shard holds no image bytes, only image_ref
@@ -76,7 +82,7 @@ def cleaned_table(candidates: pa.Table, images: pa.Table, images_mode: str) -> p
 def image_ref_metadata(refs: list[str | None]) -> dict[bytes, bytes]:
     """Schema metadata of a cleaned shard whose images are referenced, not embedded: the mode and
     where the referenced images are (Parquet shards by path; image files by their folder)."""
-    sources = {r if r.endswith(".parquet") else str(Path(r).parent) for r in refs if r}
+    sources = {r if r.endswith(".parquet") else str(fs.location(r).parent) for r in refs if r}
     return {IMAGES_KEY: b"ref", IMAGE_SOURCES_KEY: json.dumps(sorted(sources)).encode()}
 
 
@@ -121,10 +127,60 @@ def shard_stats(
     }
 
 
-def _write_web_shard(
-    out: Path, plan: _Plan, parts: list[pa.Table], ids: _RunIds, cfg: CapFiltConfig, t0: float
+# What the driver gets back for each part file: where it is and the counts that tell when a
+# shard has all its rows (an image's web row, and k captions when it decoded and a captioner ran).
+RECEIPT = pa.schema(
+    [
+        ("input_shard", pa.string()),
+        ("part", pa.string()),
+        ("rows", pa.int64()),
+        ("images", pa.int64()),
+        ("decoded", pa.int64()),
+    ]
+)
+
+
+def parts_dir(out: Location, shard: str) -> Location:
+    """Where shard ``shard``'s part files wait until the shard is written."""
+    return inside(out / PARTS_DIR, shard)
+
+
+def _undecodable(candidates: pa.Table) -> int:
+    """Web rows whose image did not decode."""
+    web = pc.equal(candidates.column("text_source"), "web")
+    bad = pc.starts_with(pc.fill_null(candidates.column("reason"), ""), REASON_UNDECODABLE)
+    return int(pc.sum(pc.and_(web, bad)).as_py() or 0)
+
+
+def write_parts(batch: pa.Table, out: str) -> pa.Table:
+    """In the filter actor (or the unscored step): each (shard, chunk) of the candidate rows in
+    ``batch`` goes to a part file of its own under ``out/_parts/<shard>/`` (a fresh name each
+    time, so a retried call never overwrites a part another receipt names); one receipt per part
+    comes back."""
+    root = fs.location(out)
+    rows: dict[str, list[Any]] = {name: [] for name in RECEIPT.names}
+    keys = batch.select(["input_shard", "chunk"]).group_by(["input_shard", "chunk"]).aggregate([])
+    for shard, chunk in zip(
+        keys.column("input_shard").to_pylist(), keys.column("chunk").to_pylist(), strict=True
+    ):
+        mask = pc.and_(pc.equal(batch.column("input_shard"), shard), pc.equal(batch.column("chunk"), chunk))
+        part = batch.filter(mask).drop(["input_shard", "chunk"])
+        path = parts_dir(root, shard) / f"{chunk:06d}-{uuid.uuid4().hex[:12]}.parquet"
+        write_parquet_atomic(path, part)
+        images = int(pc.sum(pc.equal(part.column("text_source"), "web")).as_py() or 0)
+        for key, value in zip(
+            RECEIPT.names, (shard, str(path), part.num_rows, images, images - _undecodable(part)), strict=True
+        ):
+            rows[key].append(value)
+    return pa.table(rows, schema=RECEIPT)
+
+
+def write_web_shard(
+    out: Location, plan: _Plan, parts: list[str], ids: _RunIds, cfg: CapFiltConfig, t0: float
 ) -> dict[str, Any]:
-    candidates = candidate_table(parts, ids)
+    """Ray task: one input shard's outputs from its part files (every candidate row of its
+    images) and its images: candidates, kept rows, then stats (last). Returns the stats."""
+    candidates = candidate_table([fs.read_parquet(p) for p in parts], ids)
     images = int(pc.sum(pc.equal(candidates.column("text_source"), "web")).as_py() or 0)
     if images != plan.images:
         raise StageFailed(f"shard {plan.name}: {plan.images} images in, {images} came back")
@@ -135,26 +191,22 @@ def _write_web_shard(
     candidates_file, kept_file, stats_file = shard_paths(out, plan.name, kept_dir(ids.filter_id is not None))
     write_parquet_atomic(candidates_file, candidates)
     write_parquet_atomic(kept_file, cleaned)
-    undecodable = pc.sum(
-        pc.and_(
-            pc.equal(candidates.column("text_source"), "web"),
-            pc.starts_with(pc.fill_null(candidates.column("reason"), ""), REASON_UNDECODABLE),
-        )
-    ).as_py()
     extra = {
         "input": str(plan.path),
         "rows_in": plan.rows_in,
         "status_counts": plan.status_counts,
         "images": plan.images,
-        "images_not_decodable": int(undecodable or 0),
+        "images_not_decodable": _undecodable(candidates),
         "wall_s": round(time.time() - t0, 3),
+        "selection": selection_record(cfg),
     }
     stats = shard_stats(plan.name, "web", candidates, cleaned.num_rows, extra, cfg.threshold)
     write_json_atomic(stats_file, stats)  # last: the shard is done
+    fs.rmtree(parts_dir(out, plan.name))
     return stats
 
 
-def shard_done(out: Path, name: str, kept: str = CLEANED_DIR) -> bool:
+def shard_done(out: Location, name: str, kept: str = CLEANED_DIR) -> bool:
     """Whether shard ``name`` of run folder ``out`` has all its files (a rerun skips it); ``kept``
     is the folder of its kept texts (``decisions.kept_dir``)."""
     return all(p.is_file() for p in shard_paths(out, name, kept))
