@@ -51,12 +51,14 @@ def main(
     _setup_logging(verbose)
 
 
-def _engine_log(run_dir: Path) -> Any:
-    """Everything logged (Ray's chatter too) into the run folder's log; the terminal keeps ours."""
+def _engine_log(run_dir: Any) -> Any:
+    """Everything logged (Ray's chatter too) into the run folder's log (a local path or a URI:
+    written locally and uploaded, see capfilt.core.logs); the terminal keeps ours."""
+    from capfilt.core import fs
     from capfilt.core.layout import LOG_FILE
     from capfilt.core.logs import engine_log
 
-    return engine_log(run_dir / LOG_FILE, verbose=_verbose)
+    return engine_log(fs.location(run_dir) / LOG_FILE, verbose=_verbose)
 
 
 def _log_dir(out: str) -> Path:
@@ -222,7 +224,7 @@ def run(
             overrides["ray_address"] = None if ray_address == "local" else ray_address
         rec = load_recipe(recipe, overrides)
         ours = not ray_running()  # a Ray this command starts is stopped by it, in the quiet block
-        with _engine_log(Path(rec.out)):
+        with _engine_log(rec.out):
             try:
                 result = run_recipe(rec)
             finally:
@@ -243,9 +245,11 @@ _TRAIN_FIXED = ("data", "out_dir", "run_name")
     TrainConfig, exclude=_TRAIN_FIXED, aliases={"num_workers": "--workers", "use_gpu": "--gpu/--cpu"}
 )
 def pretrain(
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, tokenizer, final model.")],
+    out: Annotated[
+        str, typer.Option(help="Run folder (a path or s3://...): checkpoints, tokenizer, final model.")
+    ],
     data: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Option(help="Download or cleaned shard folder, or COCO-Karpathy JSON; repeat for more."),
     ] = None,
     resume: Annotated[
@@ -258,6 +262,7 @@ def pretrain(
 ) -> None:
     """Pretrain MED with ITC + ITM + LM on Ray Train (BLIP's recipe); --resume continues a run.
     Every field of a recipe's training section is an option."""
+    from capfilt.core import fs
     from capfilt.train.config import CONFIG_FILE, TrainConfig
     from capfilt.train.driver import run_training
 
@@ -265,7 +270,7 @@ def pretrain(
     try:
         if resume and not data:
             # Resuming needs no flags again: the run folder remembers them.
-            saved_path = out / CONFIG_FILE
+            saved_path = fs.location(out) / CONFIG_FILE
             if not saved_path.is_file():
                 raise ConfigError(f"nothing to resume in {out}: no {CONFIG_FILE}; pass --data to start a run")
             saved = TrainConfig.model_validate_json(saved_path.read_text())
@@ -285,22 +290,22 @@ def pretrain(
 @app.command("capfilt")
 @config_options(CapFiltConfig)
 def capfilt_cmd(
-    data: Annotated[Path, typer.Option(help="Download folder (SAMPLE shards) of the web images.")],
-    out: Annotated[Path, typer.Option(help="Run folder: cleaned/, candidates/, _stats/, _summary.json.")],
+    data: Annotated[str, typer.Option(help="Download folder (SAMPLE shards) of the web images.")],
+    out: Annotated[str, typer.Option(help="Run folder: cleaned/, candidates/, _stats/, _summary.json.")],
     captioner: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             help="Captioner: capfilt model folder, BlipForConditionalGeneration folder or BLIP .pth."
         ),
     ] = None,
     filter_: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--filter", help="Filter: capfilt model folder, BlipForImageTextRetrieval folder or BLIP .pth."
         ),
     ] = None,
     tokenizer: Annotated[
-        Path | None, typer.Option(help="Tokenizer folder; default: the one saved with each model.")
+        str | None, typer.Option(help="Tokenizer folder; default: the one saved with each model.")
     ] = None,
     arch: Annotated[
         str | None,
@@ -310,10 +315,10 @@ def capfilt_cmd(
         ),
     ] = None,
     human: Annotated[
-        Path | None, typer.Option(help="Human pairs to pass through: Karpathy-style JSON or a shards folder.")
+        str | None, typer.Option(help="Human pairs to pass through: Karpathy-style JSON or a shards folder.")
     ] = None,
     human_images: Annotated[
-        Path | None, typer.Option(help="Folder the JSON's image paths are relative to. [default: its folder]")
+        str | None, typer.Option(help="Folder the JSON's image paths are relative to. [default: its folder]")
     ] = None,
     ray_address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster; default: local Ray.")
@@ -496,7 +501,10 @@ def estimate(
 @app.command()
 def status(
     run_dir: Annotated[
-        Path, typer.Argument(help="A run folder of `capfilt run`, or one stage's output folder.")
+        str,
+        typer.Argument(
+            help="A run folder of `capfilt run` (a path or s3://...), or one stage's output folder."
+        ),
     ],
     watch: Annotated[
         bool, typer.Option("--watch", help="Redraw until the run is done or failed (Ctrl-C stops watching).")
@@ -518,7 +526,7 @@ def status(
         typer.echo(line)
 
 
-def _watch(run_dir: Path, interval: float) -> None:
+def _watch(run_dir: str, interval: float) -> None:
     """Redraw the watcher's frame every ``interval`` seconds: cursor home, the frame with each line
     cleared to its end, then clear below (on a terminal; one frame after another otherwise)."""
     import shutil

@@ -30,22 +30,26 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, Any
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, Annotated, Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 
 __all__ = [
     "Location",
+    "PathOrURI",
     "RemotePath",
     "arrow",
+    "files_exist",
     "is_remote",
     "is_uri",
     "local_copy",
     "location",
     "parquet_file",
+    "put",
     "read_json",
     "read_parquet",
     "read_schema",
@@ -160,6 +164,18 @@ class RemotePath:
     def with_suffix(self, suffix: str) -> RemotePath:
         return self.parent / (self.stem + suffix)
 
+    def relative_to(self, other: str | os.PathLike[str] | RemotePath) -> PurePosixPath:
+        """The key below ``other`` (a folder of the same bucket), as ``Path.relative_to`` gives it."""
+        base = location(other)
+        inside = (
+            isinstance(base, RemotePath)
+            and (self.scheme, self.netloc) == (base.scheme, base.netloc)
+            and (not base.key or self.key == base.key or self.key.startswith(base.key + "/"))
+        )
+        if not inside or not isinstance(base, RemotePath):
+            raise ValueError(f"{self.uri} is not inside {base}")
+        return PurePosixPath(self.key[len(base.key) :].lstrip("/") or ".")
+
     def resolve(self) -> RemotePath:
         return self
 
@@ -232,7 +248,7 @@ class RemotePath:
             return raw if mode == "rb" else io.TextIOWrapper(raw, encoding=encoding or "utf-8")  # type: ignore[arg-type]
         if mode in ("w", "wt", "wb"):
             upload = _Upload(self)
-            return upload if mode == "wb" else io.TextIOWrapper(upload, encoding=encoding or "utf-8")
+            return upload if mode == "wb" else _TextUpload(upload, encoding=encoding or "utf-8")
         raise ValueError(f"mode {mode!r} is not supported on {self.uri}")
 
     def read_bytes(self) -> bytes:
@@ -285,6 +301,16 @@ class _Upload(io.BytesIO):
             super().close()
 
 
+class _TextUpload(io.TextIOWrapper):
+    """Text mode over an ``_Upload``: an error inside the ``with`` block uploads nothing either
+    (``TextIOWrapper.__exit__`` would close, and so upload, the half-written buffer)."""
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is not None:
+            self.buffer._failed = True  # type: ignore[attr-defined]
+        self.close()
+
+
 Location = Path | RemotePath
 
 
@@ -296,6 +322,23 @@ def location(value: str | os.PathLike[str] | RemotePath) -> Location:
     if text.startswith("file://"):
         return Path(urlsplit(text).path)
     return RemotePath(text) if is_uri(text) else Path(text)
+
+
+def _validate_location(value: Any) -> Location:
+    if not isinstance(value, (str, os.PathLike, RemotePath)):
+        raise ValueError(f"expected a path or a URI (s3://bucket/key), got {type(value).__name__}")
+    return location(value)
+
+
+#: A config field that names a file or folder: a local path or a URI, parsed by ``location``
+#: (``Path`` or ``RemotePath``); it dumps to JSON as the string it was given, so a local path's
+#: stage key is what it was when the field was a ``Path``.
+PathOrURI = Annotated[
+    Location,
+    PlainValidator(_validate_location),
+    PlainSerializer(str, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "description": "a local path or a URI (s3://bucket/key)"}),
+]
 
 
 def arrow(value: str | os.PathLike[str] | RemotePath) -> tuple[str, pafs.FileSystem | None]:
@@ -331,6 +374,24 @@ def parquet_file(value: str | os.PathLike[str] | RemotePath) -> Any:
     return pq.ParquetFile(loc)
 
 
+def files_exist(paths: Iterable[str | os.PathLike[str] | RemotePath]) -> list[bool]:
+    """Whether each path is a file: a stat each on a local disk; on object storage one listing per
+    folder the paths are in, not a request per path (a Karpathy JSON names thousands of images)."""
+    listed: dict[RemotePath, set[str]] = {}
+    out = []
+    for p in paths:
+        loc = location(p)
+        if isinstance(loc, Path):
+            out.append(loc.is_file())
+            continue
+        folder = loc.parent
+        if folder not in listed:
+            infos = folder.filesystem.get_file_info(pafs.FileSelector(folder.fs_path, allow_not_found=True))
+            listed[folder] = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+        out.append(loc.name in listed[folder])
+    return out
+
+
 def write_atomic(path: Location, data: bytes) -> None:
     """Write ``data`` so that a reader sees the whole file or no file: temp file and rename on a
     local disk, one put on an object store."""
@@ -361,40 +422,81 @@ def read_json(path: Location | str) -> Any:
 def rmtree(path: Location) -> None:
     """Delete a folder and everything under it; nothing if it is not there."""
     if isinstance(path, RemotePath):
-        if path.exists():
+        if not path.key:  # a bucket's root: empty it, never delete the bucket itself
+            path.filesystem.delete_dir_contents(path.fs_path, missing_dir_ok=True)
+        elif path.exists():
             path.filesystem.delete_dir(path.fs_path)
         return
     shutil.rmtree(path, ignore_errors=True)
 
 
+def put(local: Path, dest: Location) -> Location:
+    """Copy a local file or folder (a model export, a report) to ``dest``, local or remote, and
+    return ``dest``. Each object is uploaded whole; a folder's files appear one by one, so write
+    a done marker after ``put`` where a reader must see the folder complete."""
+    if isinstance(dest, Path):
+        if local.resolve() != dest.resolve():
+            if local.is_dir():
+                shutil.copytree(local, dest, dirs_exist_ok=True)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(local, dest)
+        return dest
+    pafs.copy_files(
+        str(local),
+        dest.fs_path,
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=dest.filesystem,
+    )
+    return dest
+
+
 def local_copy(value: str | os.PathLike[str] | RemotePath, cache: Path | None = None) -> Path:
     """A local path for a file or folder (a checkpoint, a tokenizer) that must be opened by code
     that only reads local disk (transformers' ``from_pretrained``, ``torch.load``). Local paths
-    are returned as they are; remote ones are copied once into ``cache`` (default
-    ``$CAPFILT_CACHE`` or ``~/.cache/capfilt``), keyed by their URI."""
+    are returned as they are; remote ones are copied into ``cache`` (default ``$CAPFILT_CACHE``
+    or ``~/.cache/capfilt``), keyed by their URI and by the size and time of every object under
+    it (one listing), so a checkpoint uploaded again under the same name is fetched again, and
+    an unchanged one is copied once per machine. Processes that race for the same copy each make
+    their own and the first rename wins."""
+    import hashlib
+
     loc = location(value)
     if isinstance(loc, Path):
         return loc
+    info = loc._info()
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{loc.uri} does not exist")
+    is_dir = info.type == pafs.FileType.Directory
+    if is_dir:
+        listing = loc.filesystem.get_file_info(pafs.FileSelector(loc.fs_path, recursive=True))
+    else:
+        listing = [info]
+    stamp = sorted((i.path, i.size, i.mtime_ns) for i in listing if i.type == pafs.FileType.File)
+    digest = hashlib.sha256(json.dumps([loc.uri, stamp], default=str).encode()).hexdigest()[:16]
     root = cache or Path(os.environ.get("CAPFILT_CACHE", Path.home() / ".cache" / "capfilt"))
-    import hashlib
-
-    dest = root / "remote" / hashlib.sha256(loc.uri.encode()).hexdigest()[:16] / (loc.name or "root")
+    dest = root / "remote" / digest / (loc.name or loc.netloc)
     done = dest.parent / ".complete"
     if done.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if not loc.exists():
-        raise FileNotFoundError(f"{loc.uri} does not exist")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".partial-"))
-    target = tmp if loc.is_dir() else tmp / loc.name
-    pafs.copy_files(
-        loc.fs_path,
-        str(target),
-        source_filesystem=loc.filesystem,
-        destination_filesystem=pafs.LocalFileSystem(),
-    )
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(target, dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-    done.touch()
+    try:
+        target = tmp / "copy"
+        if is_dir:
+            target.mkdir()
+        pafs.copy_files(
+            loc.fs_path,
+            str(target),
+            source_filesystem=loc.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+        try:
+            os.replace(target, dest)
+        except OSError:
+            if not dest.exists():  # not another process's finished copy: a real error
+                raise
+        done.touch()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -18,7 +18,10 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from capfilt.core.fs import Location
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s%(where)s: %(message)s"
 
@@ -93,27 +96,72 @@ class OursOnly(logging.Filter):
 
 
 class _LazyFile(io.TextIOBase):
-    """A log file opened at its first write, so a command that fails on its input writes nothing."""
+    """A log file opened at its first write, so a command that fails on its input writes nothing.
 
-    def __init__(self, path: Path) -> None:
+    A log on object storage (a RemotePath) cannot be appended to: the lines go to a local file
+    (``$CAPFILT_CACHE/logs/<hash of the URI>/``, seeded with the log already there, so a rerun
+    appends like a local one) and ``upload`` puts the whole file back, at every stage's end
+    (``sync_logs``) and when the block closes."""
+
+    def __init__(self, path: Location) -> None:
         self.path = path
+        self.remote = None if isinstance(path, Path) else path
+        self.local = path if isinstance(path, Path) else _local_log(path)
         self._f: TextIO | None = None
+        self._uploaded = -1  # size of the local file at the last upload
 
     def write(self, text: str) -> int:
         if self._f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = self.path.open("a", encoding="utf-8")
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+            if self.remote is not None:
+                self.local.write_bytes(self.remote.read_bytes() if self.remote.is_file() else b"")
+            self._f = self.local.open("a", encoding="utf-8")
         return self._f.write(text)
 
     def flush(self) -> None:
         if self._f is not None and not self._f.closed:
             self._f.flush()
 
+    def upload(self) -> None:
+        """Put the local copy of a remote log back (one put of the whole file); nothing for a
+        local log, a log with no line yet, or one unchanged since the last upload."""
+        if self.remote is None or self._f is None:
+            return
+        self.flush()
+        size = self.local.stat().st_size
+        if size == self._uploaded:
+            return
+        from capfilt.core.fs import write_atomic
+
+        try:
+            write_atomic(self.remote, self.local.read_bytes())
+            self._uploaded = size
+        except OSError as err:  # a log that cannot be uploaded must not fail the run
+            logging.getLogger(__name__).warning("cannot upload the log to %s: %s", self.remote, err)
+
     def close(self) -> None:
         if self._f is not None:
+            self.upload()
             self._f.close()
             self._f = None
         super().close()
+
+
+def _local_log(remote: Location) -> Path:
+    import hashlib
+
+    root = Path(os.environ.get("CAPFILT_CACHE", Path.home() / ".cache" / "capfilt"))
+    return root / "logs" / hashlib.sha256(str(remote).encode()).hexdigest()[:16] / Path(str(remote)).name
+
+
+_open_logs: list[_LazyFile] = []  # the log files of active `engine_log` blocks, innermost last
+
+
+def sync_logs() -> None:
+    """Upload the log files of active `engine_log` blocks that live on object storage (the runner
+    calls it at every stage's end, so a remote run's log is never more than a stage behind)."""
+    for f in _open_logs:
+        f.upload()
 
 
 class _SplitStream(io.TextIOBase):
@@ -175,13 +223,14 @@ def _release_engine_loggers() -> None:
 
 
 @contextlib.contextmanager
-def engine_log(path: Path, *, verbose: bool = False) -> Iterator[Path]:
+def engine_log(path: Location, *, verbose: bool = False) -> Iterator[Location]:
     """Within the block, every log record (DEBUG and up) is appended to `path` (created at the
-    first line); unless `verbose`, the console's handlers show only capfilt's records and errors,
+    first line; on object storage written locally and uploaded, see `_LazyFile`); unless `verbose`, the console's handlers show only capfilt's records and errors,
     Ray's own loggers write to the file only, and lines Ray copies from its workers reach the
     terminal only when they are capfilt's own."""
     root = logging.getLogger()
     stream = _LazyFile(path)
+    _open_logs.append(stream)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     handler.setLevel(logging.DEBUG)
@@ -213,4 +262,5 @@ def engine_log(path: Path, *, verbose: bool = False) -> Iterator[Path]:
         for h in consoles:
             h.removeFilter(quiet)
         root.removeHandler(handler)
+        _open_logs.remove(stream)
         stream.close()

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
+
+#: A stage's folder: a ``capfilt.core.fs.Location`` (a local Path, or a RemotePath when the run
+#: folder is on object storage). Typed Any while some stage drivers still annotate their folders
+#: as ``str | Path``; tighten to ``Location`` once every driver takes one.
+StageDir = Any
 
 if TYPE_CHECKING:
     from capfilt.pipeline.recipe import Recipe
@@ -52,7 +56,7 @@ class StageContext:
     """What `Stage.run` gets: the run (recipe, other stages' results) and its own folder."""
 
     run: Run
-    dir: Path
+    dir: StageDir  # a Location: a local Path, or a RemotePath when the run folder is on object storage
     resuming: bool  # the same stage (same key) stopped midway before: resume, don't start over
 
     @property
@@ -131,8 +135,9 @@ class Stage:
         lines = self.summary(result)
         return {str(i + 1): line for i, line in enumerate(lines)} if lines else None
 
-    def status(self, d: Path, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
-        """Fill `st` from the stage's folder `d` (and its manifest's result when done)."""
+    def status(self, d: StageDir, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
+        """Fill `st` from the stage's folder `d` (and its manifest's result when done). `d` is a
+        local Path or a RemotePath (``capfilt.core.fs``): use `/`, `glob`, `is_file`, `exists`."""
         return st
 
 

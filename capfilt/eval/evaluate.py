@@ -100,11 +100,13 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_results(path: str | Path, results: Mapping[str, Any]) -> Path:
-    """Write results as strict JSON (no NaN), atomically; returns the path."""
+def write_results(path: Any, results: Mapping[str, Any]) -> Any:
+    """Write results as strict JSON (no NaN), atomically, to a local path or a URI; returns its
+    Location (``capfilt.core.fs``)."""
+    from capfilt.core.fs import location
     from capfilt.core.shards import write_json_atomic
 
-    out = Path(path)
+    out = location(path)
     clean = _jsonable(results)
     json.dumps(clean, allow_nan=False)  # fail here, naming nothing half-written, if anything slipped through
     write_json_atomic(out, clean)

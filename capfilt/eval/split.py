@@ -1,4 +1,5 @@
-"""A test split in BLIP's karpathy_test.json form: its images (decoded lazily) and reference captions."""
+"""A test split in BLIP's karpathy_test.json form: its images (decoded lazily) and reference captions.
+The JSON and the images may be local or on object storage (``capfilt.core.fs``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
+from capfilt.core import fs
 from capfilt.core.errors import ConfigError
+from capfilt.core.fs import Location, RemotePath
 from capfilt.core.text import pre_caption
 
 if TYPE_CHECKING:
@@ -23,7 +26,7 @@ __all__ = ["EvalSplit", "load_split", "load_world_test_split"]
 class EvalSplit:
     """A test split in BLIP's karpathy_test.json form: images, each with its reference captions."""
 
-    image_paths: tuple[Path, ...]
+    image_paths: tuple[Location, ...]
     captions: tuple[tuple[str, ...], ...]  # the references as written, per image
 
     def __post_init__(self) -> None:
@@ -47,7 +50,8 @@ class EvalSplit:
     def images(self) -> _LazyImages:
         """The images as a sequence that decodes on access, so a large split is never all in memory.
         Fails now if any file is missing."""
-        missing = [str(p) for p in self.image_paths if not p.is_file()]
+        there = fs.files_exist(self.image_paths)
+        missing = [str(p) for p, ok in zip(self.image_paths, there, strict=True) if not ok]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} test image(s) not found, e.g. {missing[:3]}; check the split's image root"
@@ -58,7 +62,7 @@ class EvalSplit:
 class _LazyImages(Sequence["Image.Image"]):
     """Image files decoded to RGB when indexed; a slice is another lazy sequence."""
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    def __init__(self, paths: Sequence[Location]) -> None:
         self.paths = paths
 
     def __len__(self) -> int:
@@ -76,12 +80,14 @@ class _LazyImages(Sequence["Image.Image"]):
         return decode_image(self.paths[i].read_bytes())
 
 
-def load_split(annotation: str | Path, image_root: str | Path | None = None) -> EvalSplit:
+def load_split(
+    annotation: str | Path | RemotePath, image_root: str | Path | RemotePath | None = None
+) -> EvalSplit:
     """Read a karpathy_test.json-style list of ``{"image": path, "caption": [str, ...]}``; image
     paths are relative to ``image_root`` (default: the annotation file's folder)."""
-    path = Path(annotation)
-    root = Path(image_root) if image_root is not None else path.parent
-    items = json.loads(path.read_text(encoding="utf-8"))
+    path = fs.location(annotation)
+    root = fs.location(image_root) if image_root is not None else path.parent
+    items = json.loads(path.read_bytes().decode("utf-8"))
     if not isinstance(items, list) or not items:
         raise ConfigError(f"{path} must hold a non-empty JSON list of {{'image', 'caption'}} objects")
     paths, captions = [], []
@@ -94,7 +100,7 @@ def load_split(annotation: str | Path, image_root: str | Path | None = None) -> 
     return EvalSplit(tuple(paths), tuple(captions))
 
 
-def load_world_test_split(world_root: str | Path) -> EvalSplit:
+def load_world_test_split(world_root: str | Path | RemotePath) -> EvalSplit:
     """The shapes world's test split (human/karpathy_test.json, paths relative to the world root)."""
-    root = Path(world_root)
+    root = fs.location(world_root)
     return load_split(root / "human" / "karpathy_test.json", root)

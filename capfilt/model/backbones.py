@@ -33,7 +33,9 @@ def init_vision_from_timm(med: Med, timm_state: Mapping[str, torch.Tensor] | nn.
     if isinstance(timm_state, nn.Module):
         timm_state = timm_state.state_dict()
     elif isinstance(timm_state, (str, Path)):
-        timm_state = read_state_dict(timm_state)
+        from capfilt.core.fs import local_copy
+
+        timm_state = read_state_dict(local_copy(timm_state))  # a URI: copied to this node's cache
     state = drop_keys(timm_state, lambda k: k.startswith(("head.", "fc_norm.")), "timm classifier tensors")
     source = {f"vision_model.{vit_key(k)}": v for k, v in state.items()}
     names = {f"vision_model.{vit_key(k)}": k for k in state}

@@ -4,6 +4,9 @@ own format (``save_med`` / ``load_med``), and ``load_checkpoint`` for any suppor
 Formats: a capfilt folder (``capfilt_med.json`` + ``model.safetensors``), a transformers BLIP folder
 (``config.json``, written by ``save_pretrained``) or one of BLIP's original ``.pth`` files. This
 module imports torch and transformers only when it loads weights or reads a transformers config.
+
+Any path may be a URI (``s3://bucket/models/captioner``): it is copied once to the local cache
+(``capfilt.core.fs.local_copy``) and read from there, so every reader here works on local files.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from capfilt.core import fs
 from capfilt.core.errors import ConfigError
+from capfilt.core.fs import RemotePath
 from capfilt.model.config import MedConfig
 
 if TYPE_CHECKING:
@@ -57,10 +62,10 @@ def _checkpoint_error(message: str) -> ConfigError:
     return CheckpointError(message)
 
 
-def checkpoint_format(path: str | Path) -> CheckpointFormat:
+def checkpoint_format(path: str | Path | RemotePath) -> CheckpointFormat:
     """The format of a checkpoint: a folder with ``capfilt_med.json`` is capfilt's, a folder with
     ``config.json`` a transformers one, anything else (a file) an original BLIP checkpoint."""
-    path = Path(path)
+    path = fs.local_copy(path)
     if path.is_dir():
         if (path / MED_META).is_file():
             return "capfilt"
@@ -81,7 +86,7 @@ class CheckpointInfo:
 
 
 def inspect_checkpoint(
-    path: str | Path,
+    path: str | Path | RemotePath,
     config: MedConfig | str | None = None,
     *,
     enc_token_id: int | None = None,
@@ -90,7 +95,7 @@ def inspect_checkpoint(
     """The MedConfig and heads of a checkpoint without reading its weights: a folder's config
     files, or a .pth's key names and shapes (memory-mapped). For a .pth ``config`` names the
     family and ``token_ids`` the tokenizer's ids (see ``load_blip_pth``)."""
-    path = Path(path)
+    path = fs.local_copy(path)
     fmt = checkpoint_format(path)
     if fmt == "capfilt":
         meta = json.loads((path / MED_META).read_text())
@@ -133,21 +138,22 @@ _ROLE_NEEDS = {
 
 
 def check_role(
-    path: str | Path, role: Literal["captioner", "filter"], *, label: str | None = None
+    path: str | Path | RemotePath, role: Literal["captioner", "filter"], *, label: str | None = None
 ) -> frozenset[str]:
     """The heads of a checkpoint, after checking it has those ``role`` needs (captioner: LM;
     filter: ITM + projections); a ``ConfigError`` naming the file and the heads it has otherwise.
     Reads config files or key names only, never the weights. ``label`` prefixes the message
-    (e.g. ``--captioner``)."""
-    path = Path(path)
+    (e.g. ``--captioner``). A URI is checked where it is, then read from its local copy."""
     label = label or role
-    if not path.exists():
-        raise ConfigError(f"{label} {path} does not exist")
+    given = fs.location(path)
+    if not given.exists():
+        raise ConfigError(f"{label} {given} does not exist")
+    path = fs.local_copy(given)
     try:
         fmt = checkpoint_format(path)
     except ConfigError as err:
         raise ConfigError(
-            f"{label} {path} is not a capfilt model folder, a transformers BLIP folder or a .pth file"
+            f"{label} {given} is not a capfilt model folder, a transformers BLIP folder or a .pth file"
         ) from err
     if fmt == "capfilt":
         heads = frozenset(json.loads((path / MED_META).read_text()).get("heads", []))
@@ -160,7 +166,7 @@ def check_role(
         if part != role:
             hf_arch = "BlipForConditionalGeneration" if role == "captioner" else "BlipForImageTextRetrieval"
             raise ConfigError(
-                f"{label} {path} holds {archs} (heads {sorted(heads) or 'none'}); "
+                f"{label} {given} holds {archs} (heads {sorted(heads) or 'none'}); "
                 f"a {role} is a {hf_arch} directory"
             )
     else:
@@ -171,22 +177,22 @@ def check_role(
     need, where = _ROLE_NEEDS[role]
     if not need <= heads:
         raise ConfigError(
-            f"{label} {path} ({fmt}) has heads {sorted(heads) or 'none'}; a {role} needs {where}"
+            f"{label} {given} ({fmt}) has heads {sorted(heads) or 'none'}; a {role} needs {where}"
         )
     return heads
 
 
-def weight_files(path: str | Path) -> list[Path]:
+def weight_files(path: str | Path | RemotePath) -> list[Path]:
     """The files holding a checkpoint's weights: the file itself, or a folder's weight files by name."""
-    path = Path(path)
+    path = fs.local_copy(path)
     if path.is_file():
         return [path]
     return sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
 
-def model_id(path: str | Path) -> str:
+def model_id(path: str | Path | RemotePath) -> str:
     """``name-<12 hex>``: the name plus the SHA-256 of the weight files, so rows name exact weights."""
-    path = Path(path)
+    path = fs.local_copy(path)
     h = hashlib.sha256()
     for f in weight_files(path):
         h.update(f.name.encode())
@@ -224,14 +230,14 @@ def save_med(med: Med, out_dir: str | Path) -> Path:
     return out
 
 
-def load_med(path: str | Path) -> Med:
+def load_med(path: str | Path | RemotePath) -> Med:
     """Load what ``save_med`` wrote."""
     from safetensors.torch import load_file
 
     from capfilt.model.med import ALL_HEADS, Med
     from capfilt.model.weights import CheckpointError, assign
 
-    path = Path(path)
+    path = fs.local_copy(path)
     meta_path = path / MED_META
     if not meta_path.is_file():
         raise CheckpointError(f"{path} has no {MED_META}; it was not written by capfilt.model.save_med")
@@ -249,7 +255,7 @@ def load_med(path: str | Path) -> Med:
 
 
 def load_checkpoint(
-    source: str | Path,
+    source: str | Path | RemotePath,
     config: MedConfig | str | None = None,
     *,
     enc_token_id: int | None = None,
@@ -261,7 +267,7 @@ def load_checkpoint(
     (load_hf), or an original BLIP file (load_blip_pth: ``config`` names its family, found from
     its shapes when None; ``token_ids`` are its tokenizer's; ``image_size`` resizes its position
     table; ``strict=False`` skips keys MED does not know). Folders carry their own config."""
-    path = Path(source)
+    path = fs.local_copy(source)
     fmt = checkpoint_format(path)
     if fmt == "capfilt":
         return load_med(path)

@@ -15,7 +15,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from capfilt.core import fs
 from capfilt.core.errors import ConfigError
+from capfilt.core.fs import Location, RemotePath
 
 __all__ = [
     "DEC_TOKEN",
@@ -117,18 +119,23 @@ def add_blip_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTok
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
 
 
-def is_tokenizer_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a folder holding a saved tokenizer."""
-    path = Path(path)
-    return path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES)
+def is_tokenizer_dir(path: str | Path | RemotePath) -> bool:
+    """Whether ``path`` (a local path or a URI) is a folder holding a saved tokenizer."""
+    loc = fs.location(path)
+    return loc.is_dir() and any((loc / f).is_file() for f in TOKENIZER_FILES)
 
 
-def find_tokenizer(model_path: str | Path, override: str | Path | None = None) -> Path:
+def find_tokenizer(
+    model_path: str | Path | RemotePath, override: str | Path | RemotePath | None = None
+) -> Location:
     """The tokenizer saved with a model: the model folder itself, ``tokenizer/`` inside it, or
-    ``tokenizer/`` next to it; ``override`` wins."""
-    path = Path(model_path)
+    ``tokenizer/`` next to it; ``override`` wins. Local paths or URIs; a URI is looked up where
+    it is (``load_tokenizer`` copies it)."""
+    path = fs.location(model_path)
     base = path if path.is_dir() else path.parent
-    candidates = [Path(override)] if override else [base, base / "tokenizer", base.parent / "tokenizer"]
+    candidates = (
+        [fs.location(override)] if override else [base, base / "tokenizer", base.parent / "tokenizer"]
+    )
     for c in candidates:
         if is_tokenizer_dir(c):
             return c
@@ -138,12 +145,19 @@ def find_tokenizer(model_path: str | Path, override: str | Path | None = None) -
     )
 
 
-def load_tokenizer(path_or_dir: str | Path) -> PreTrainedTokenizerBase:
-    """Load a local transformers tokenizer directory (never the hub) and add [DEC]/[ENC] if missing.
+def load_tokenizer(path_or_dir: str | Path | RemotePath) -> PreTrainedTokenizerBase:
+    """Load a transformers tokenizer directory (never the hub) and add [DEC]/[ENC] if missing.
 
-    Works for a saved bert-base-uncased as for a directory written by :func:`train_wordpiece`.
+    Works for a saved bert-base-uncased as for a directory written by :func:`train_wordpiece`; a
+    URI is copied to the local cache first (``capfilt.core.fs.local_copy``).
     """
-    path = Path(path_or_dir)
+    given = fs.location(path_or_dir)
+    if not given.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory {given} does not exist; pass a directory written by "
+            "save_pretrained (e.g. a saved bert-base-uncased) or by capfilt.model.tokenizer.train_wordpiece"
+        )
+    path = fs.local_copy(given)
     if not path.is_dir():
         raise FileNotFoundError(
             f"tokenizer directory {path} does not exist; pass a local directory written by "

@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 PILOT_SUFFIX = "-pilot"  # default pilot folder: <recipe.out>-pilot
 ESTIMATE_FILE = "estimate.json"  # written into the pilot folder
-_COUNT_BATCH = 1 << 20  # bytes per read when counting rows of a text URL list
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,39 +55,21 @@ _COUNT_BATCH = 1 << 20  # bytes per read when counting rows of a text URL list
 # ---------------------------------------------------------------------------------------------
 
 
-def count_input_rows(urls: str | Path, input_format: str | None = None) -> int:
-    """Rows of a URL list without loading it: Parquet from its metadata; csv/tsv with pyarrow's
-    streaming reader (quoted newlines count once), jsonl by non-blank lines, in bounded batches.
+def count_input_rows(urls: Any, input_format: str | None = None) -> int:
+    """Rows of a URL input (a file, folder, glob or list of them, as the download stage takes it)
+    without loading it: Parquet from its metadata, other formats streamed in bounded batches by the
+    download's own reader (``capfilt.io.urllist``)."""
+    from capfilt.core import fs
+    from capfilt.io.urllist import columns_of, expand_sources, iter_batches
 
-    To be replaced by the download planner's own count once the streaming planner is merged."""
-    from capfilt.io.urllist import FORMATS, infer_format
-
-    path = Path(urls)
-    if not path.is_file():
-        raise ConfigError(f"URL list {path} does not exist or is not a file")
-    fmt = input_format or infer_format(path)
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown URL list format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if fmt == "parquet":
-        return int(pq.ParquetFile(path).metadata.num_rows)
-    if fmt == "jsonl":
-        rows = 0
-        tail = b""
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(_COUNT_BATCH), b""):
-                lines = (tail + chunk).split(b"\n")
-                tail = lines.pop()
-                rows += sum(1 for line in lines if line.strip())
-        return rows + (1 if tail.strip() else 0)
-    import pyarrow.csv as pacsv
-
-    reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(block_size=_COUNT_BATCH),
-        parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(column_types=None, strings_can_be_null=False),
-    )
-    return sum(batch.num_rows for batch in reader)
+    rows = 0
+    for src in expand_sources(urls, input_format):
+        if src.indexed:
+            rows += int(fs.parquet_file(src.path).metadata.num_rows)
+        else:
+            first = columns_of(src).names[:1]
+            rows += sum(batch.num_rows for batch in iter_batches(src, first))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +514,7 @@ def _bytes(b: float) -> str:
 
 
 def default_pilot_dir(recipe: Recipe) -> Path:
-    out = Path(recipe.out)
+    out = Path(str(recipe.out))
     return out.with_name(out.name + PILOT_SUFFIX)
 
 
@@ -560,7 +541,7 @@ def _url_list(recipe: Recipe, pilot: Path) -> Iterator[tuple[Path, str, str | No
 
 
 def _finished_finetune(recipe: Recipe) -> dict[str, Any] | None:
-    path = Path(recipe.out) / STAGES_DIR / "finetune.json"
+    path = Path(str(recipe.out)) / STAGES_DIR / "finetune.json"
     if not path.is_file():
         return None
     manifest = read_json(path)
@@ -721,7 +702,7 @@ def run_estimate(
     if "download" not in recipe.stages:
         raise ConfigError("the recipe has no 'download' stage: the estimate prices its download and CapFilt")
     pilot = Path(out) if out is not None else default_pilot_dir(recipe)
-    if pilot.resolve() == Path(recipe.out).resolve():
+    if pilot.resolve() == Path(str(recipe.out)).resolve():
         raise ConfigError(f"the pilot folder {pilot} is the recipe's run folder; pass another --out")
     fitted, fit_notes = fit_to_cluster(recipe)  # starts or joins Ray, as `capfilt run` does
     pilot_res = _pilot_cluster(fitted)

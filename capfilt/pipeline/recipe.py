@@ -24,7 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from capfilt.core import fs
 from capfilt.core.errors import ConfigError
+from capfilt.core.fs import Location, PathOrURI
 from capfilt.stages import registry
 
 log = logging.getLogger(__name__)
@@ -60,15 +62,16 @@ class UrlListInput(BaseModel):
 class HumanInput(BaseModel):
     """Human-annotated pairs as users have them: COCO-Karpathy-style JSONs and their image folders.
     Each JSON's image paths are relative to its own root, by default the JSON's folder;
-    ``image_root`` sets both roots at once (COCO keeps train2014/ and val2014/ in one folder)."""
+    ``image_root`` sets both roots at once (COCO keeps train2014/ and val2014/ in one folder).
+    Each is a local path or a URI (``s3://bucket/coco/...``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    karpathy_train: Path
-    karpathy_test: Path | None = None
-    image_root: Path | None = None  # both JSONs' root
-    train_image_root: Path | None = None  # karpathy_train's root (default: image_root, else its folder)
-    test_image_root: Path | None = None  # karpathy_test's root (default: image_root, else its folder)
+    karpathy_train: PathOrURI
+    karpathy_test: PathOrURI | None = None
+    image_root: PathOrURI | None = None  # both JSONs' root
+    train_image_root: PathOrURI | None = None  # karpathy_train's root (default: image_root, else its folder)
+    test_image_root: PathOrURI | None = None  # karpathy_test's root (default: image_root, else its folder)
 
     @model_validator(mode="after")
     def _one_way(self) -> HumanInput:
@@ -78,10 +81,10 @@ class HumanInput(BaseModel):
             )
         return self
 
-    def train_root(self) -> Path:
+    def train_root(self) -> Location:
         return self.train_image_root or self.image_root or self.karpathy_train.parent
 
-    def test_root(self) -> Path | None:
+    def test_root(self) -> Location | None:
         if self.karpathy_test is None:
             return None
         return self.test_image_root or self.image_root or self.karpathy_test.parent
@@ -115,7 +118,7 @@ def _paths_must_exist(info: ValidationInfo) -> bool:
     return not (isinstance(info.context, dict) and info.context.get("check_paths") is False)
 
 
-def _check_images(label: str, root_label: str, json_path: Path, root: Path) -> None:
+def _check_images(label: str, root_label: str, json_path: Location, root: Location) -> None:
     """Every image the Karpathy JSON at `json_path` names exists under `root`, else a ValueError
     that names the fields, a missing path and how many are missing."""
     from capfilt.io.karpathy import missing_images
@@ -139,7 +142,8 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    out: Path  # the run folder; each stage writes its own sub-folder
+    # The run folder, a local path or a URI (s3://bucket/runs/x); each stage writes a sub-folder.
+    out: PathOrURI
     stages: list[str] = Field(default_factory=lambda: list(registry.names()))
     ray_address: str | None = None
     urls: UrlListInput | None = None
@@ -176,7 +180,7 @@ class Recipe(BaseModel):
             ("human.karpathy_train", self.human.karpathy_train if self.human else None),
             ("human.karpathy_test", self.human.karpathy_test if self.human else None),
         ):
-            if path is not None and check_paths and not Path(path).exists():
+            if path is not None and check_paths and not fs.location(path).exists():
                 raise ValueError(f"{label}: {path} does not exist")
         if self.human is not None and check_paths and needs_human:
             h = self.human

@@ -5,6 +5,10 @@ its upstream stages' keys), its inputs, outputs, counts and wall time. A rerun s
 key is unchanged and whose manifest says done; it resumes a stage that stopped midway (download
 and CapFilt by shard, training from its latest checkpoint); a stage whose config or inputs changed
 starts over, and so does everything downstream of it.
+
+The run folder may be local or on object storage (``out: s3://bucket/runs/x``): every file of it
+is read and written through ``capfilt.core.fs``. The run's log file is then written locally and
+uploaded at every stage's end and when the run ends (``capfilt.core.logs``).
 """
 
 from __future__ import annotations
@@ -12,17 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capfilt.core import fs
+from capfilt.core.fs import Location
 from capfilt.core.layout import RUN_FILE, STAGES_DIR
-from capfilt.core.logs import log_context
+from capfilt.core.logs import log_context, sync_logs
 from capfilt.core.shards import read_json, write_json_atomic
-from capfilt.core.stage import Stage, StageContext, json_of, readable
+from capfilt.core.stage import Stage, StageContext, StageDir, json_of, readable
 from capfilt.pipeline.recipe import Recipe
 from capfilt.stages import registry
 
@@ -44,7 +49,7 @@ def _portable(value: Any, roots: tuple[str, ...]) -> Any:
         return {k: _portable(v, roots) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_portable(v, roots) for v in value]
-    if isinstance(value, Path):
+    if isinstance(value, Path | fs.RemotePath):
         value = str(value)
     if isinstance(value, str):
         for root in roots:
@@ -55,7 +60,7 @@ def _portable(value: Any, roots: tuple[str, ...]) -> Any:
 
 @dataclass
 class RunResult:
-    out: Path
+    out: Location
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> manifest
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was scaled to fit the Ray cluster
@@ -66,17 +71,19 @@ class Run:
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
-        self.out = Path(recipe.out)
-        # Longest first, so the absolute spelling wins over a relative one that it contains.
+        self.out: Location = fs.location(recipe.out)
+        # Longest first, so the absolute spelling wins over a relative one that it contains
+        # (a URI has one spelling).
         spellings = {str(self.out), str(self.out.absolute()), str(self.out.resolve())}
         self.roots = tuple(sorted(spellings - {"."}, key=len, reverse=True))
         self.keys: dict[str, str] = {}
         self.result = RunResult(out=self.out)
 
-    def dir(self, name: str) -> Path:
+    def dir(self, name: str) -> StageDir:
+        """A stage's folder: a Location (see ``capfilt.core.stage.StageDir``)."""
         return self.out / name
 
-    def manifest_path(self, name: str) -> Path:
+    def manifest_path(self, name: str) -> Location:
         return self.out / STAGES_DIR / f"{name}.json"
 
     def manifest(self, name: str) -> dict[str, Any]:
@@ -90,7 +97,7 @@ class Run:
     def has(self, name: str) -> bool:
         return name in self.result.stages or self.manifest_path(name).exists()
 
-    def human_train(self) -> tuple[Path, Path]:
+    def human_train(self) -> tuple[StageDir, StageDir]:
         """(Karpathy train JSON, its image root) of the run's human-annotated pairs."""
         rec = self.recipe
         if rec.human is not None:
@@ -116,7 +123,7 @@ class Run:
         name: str,
         config: Any,
         upstream: list[str],
-        fn: Callable[[Path, bool], dict[str, Any]],
+        fn: Callable[[Location, bool], dict[str, Any]],
         inputs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Run `fn(stage_dir, resuming)` unless a finished manifest with the same key exists.
@@ -138,7 +145,7 @@ class Run:
         resuming = bool(old and old.get("key") == key)
         if old and not resuming:
             log.warning("stage %s: config or inputs changed since %s ran; starting it over", name, d)
-            shutil.rmtree(d, ignore_errors=True)
+            fs.rmtree(d)
         log.info("stage %s: %s in %s", name, "resuming" if resuming else "starting", d)
         t0 = time.time()
         write_json_atomic(path, {"stage": name, "key": key, "status": "running", "upstream": up_keys})
@@ -155,6 +162,7 @@ class Run:
         }
         write_json_atomic(path, json.loads(json.dumps(manifest, default=str)))
         self.result.stages[name] = manifest
+        sync_logs()  # a run folder on object storage gets the log up to here
         return result
 
 

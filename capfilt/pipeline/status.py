@@ -1,6 +1,7 @@
 """`capfilt status`: what a run has done so far, read from the files its stages leave behind.
 
-Nothing here changes a file or needs Ray, so it is safe beside a run in progress. The sources:
+Nothing here changes a file or needs Ray, so it is safe beside a run in progress; the run folder
+may be local or on object storage (``capfilt status s3://bucket/runs/x``). The sources:
 
 - ``<run>/_run.json`` (the recipe's stage list, written by ``run_recipe`` at start) and
   ``<run>/_stages/<stage>.json`` (each stage's manifest: ``running``, then ``done``);
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capfilt.core import fs
 from capfilt.core.errors import ConfigError
+from capfilt.core.fs import Location, RemotePath
 from capfilt.core.layout import MANIFEST, RUN_FILE, STAGES_DIR, SUMMARY
 from capfilt.core.shards import read_json
 from capfilt.core.stage import DONE, NOT_STARTED, UNFINISHED, StageStatus
@@ -85,11 +88,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _read(path: Path) -> Any:
+def _read(path: Location) -> Any:
     return read_json(path) if path.is_file() else None
 
 
-def _stage_status(run: Path, name: str, manifest: dict[str, Any] | None) -> StageStatus:
+def _stage_status(run: Location, name: str, manifest: dict[str, Any] | None) -> StageStatus:
     state = NOT_STARTED if manifest is None else DONE if manifest.get("status") == "done" else UNFINISHED
     st = StageStatus(name, state, wall_s=(manifest or {}).get("wall_s"))
     if state == NOT_STARTED or name not in registry.names():
@@ -103,15 +106,16 @@ def _stage_status(run: Path, name: str, manifest: dict[str, Any] | None) -> Stag
 # ---------------------------------------------------------------------------------------------
 
 
-def run_status(path: str | Path) -> RunStatus:
+def run_status(path: str | Path | RemotePath) -> RunStatus:
     """What the run (or stage output folder) at ``path`` has done; see the module docstring."""
-    run = Path(path)
+    run = fs.location(path)
     if not run.is_dir():
         raise ConfigError(f"{run} is not a folder; pass a run folder of `capfilt run` (its `out:`)")
     info = _read(run / RUN_FILE)
     stages_dir = run / STAGES_DIR
     if info is not None or stages_dir.is_dir():
-        manifests = {p.stem: read_json(p) for p in sorted(stages_dir.glob("*.json"))}
+        files: list[Location] = list(stages_dir.glob("*.json"))
+        manifests = {p.stem: read_json(p) for p in sorted(files, key=str)}
         # The recipe's order, then any stage that ran but is no longer listed.
         planned = list(dict.fromkeys([*((info or {}).get("stages") or []), *manifests]))
         stages = [_stage_status(run, s, manifests.get(s)) for s in planned]

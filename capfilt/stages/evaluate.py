@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from capfilt.core.stage import Section, Stage, StageContext, StageStatus, readable
+from capfilt.core import fs
+from capfilt.core.stage import Section, Stage, StageContext, StageDir, StageStatus, readable
 from capfilt.eval.config import EvalConfig
 from capfilt.stages import registry
 
@@ -64,14 +65,17 @@ class EvaluateStage(Stage):
     def report(self, result: Mapping[str, Any]) -> Mapping[str, Any] | None:
         return None  # the report is this stage's own output
 
-    def status(self, d: Path, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
+    def status(self, d: StageDir, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
         if result.get("report"):
             st.progress = f"report {result['report']}"
         return st
 
 
-def evaluate_run(run: Any, d: Path) -> dict[str, Any]:
-    """Both rounds zero-shot on the test split, CapFilt's quality against the world, the report."""
+def evaluate_run(run: Any, d: StageDir) -> dict[str, Any]:
+    """Both rounds zero-shot on the test split, CapFilt's quality against the world, the report.
+    A remote stage folder gets its report written in a local temp folder, then uploaded."""
+    import tempfile
+
     from capfilt.eval.evaluate import evaluate_model, write_results
     from capfilt.eval.quality import evaluate_capfilt, label_candidates
     from capfilt.eval.report import write_report
@@ -116,19 +120,24 @@ def evaluate_run(run: Any, d: Path) -> dict[str, Any]:
         samples = read_samples(run.dir("download"), columns=["uid", "row", "url", "status", "reason"])
     results = {"rounds": rounds, "capfilt": quality}
     write_results(d / "results.json", results)
-    report = write_report(
-        run.out,
-        d.resolve() / "report.html",  # absolute: write_report places a relative path inside run.out
-        title=f"capfilt run {rec.name}",
-        stages=stage_tables(run),
-        runs=stage_runs(run.out),
-        rounds=rounds,
-        capfilt=quality,
-        candidates=candidates,
-        images=samples,
-        samples=samples,
-        threshold=threshold,
-    )
+    with tempfile.TemporaryDirectory(prefix="capfilt-report-") as tmp:
+        local = d if isinstance(d, Path) else Path(tmp)
+        report = write_report(
+            str(run.out),
+            local.resolve() / "report.html",  # absolute: write_report places a relative path inside run.out
+            title=f"capfilt run {rec.name}",
+            stages=stage_tables(run),
+            runs=stage_runs(run.out),
+            rounds=rounds,
+            capfilt=quality,
+            candidates=candidates,
+            images=samples,
+            samples=samples,
+            threshold=threshold,
+        )
+        if not isinstance(d, Path):
+            fs.put(local, d)
+            report = d / report.name
     return {**results, "report": str(report)}
 
 

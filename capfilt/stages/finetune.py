@@ -6,10 +6,9 @@ filter confirm the captioner's mistakes. A published model given as ``init.capti
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
-from capfilt.core.stage import Fit, Section, Stage, StageContext, StageStatus
+from capfilt.core.stage import Fit, Section, Stage, StageContext, StageDir, StageStatus
 from capfilt.stages.pretrain import fit_section, train, train_lines, train_progress
 from capfilt.train.section import CaptionerSection, FilterSection, TrainSection
 
@@ -107,7 +106,7 @@ class FinetuneStage(Stage):
             for role in ROLES
         }
 
-    def status(self, d: Path, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
+    def status(self, d: StageDir, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
         parts = []
         for role in ROLES:
             r = result.get(role) or {}

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
 from capfilt.core.layout import CLEANED_DIR, TRAIN_CONFIG, TRAIN_SUMMARY
 from capfilt.core.shards import read_json
-from capfilt.core.stage import Fit, Section, Stage, StageContext, StageStatus, readable
+from capfilt.core.stage import Fit, Section, Stage, StageContext, StageDir, StageStatus, readable
 from capfilt.train.section import TrainSection
 
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)")
@@ -22,7 +21,7 @@ _CHECKPOINT = re.compile(r"checkpoint_(\d+)")
 
 
 def train(
-    ctx: StageContext, section: TrainSection, data: list[Any], out: Path, run_name: str, **fixed: Any
+    ctx: StageContext, section: TrainSection, data: list[Any], out: StageDir, run_name: str, **fixed: Any
 ) -> dict[str, Any]:
     """Run one training section into `out` (resuming a run that stopped there) and return its summary."""
     from capfilt.train.driver import run_training
@@ -59,7 +58,7 @@ def train_lines(r: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def train_progress(d: Path) -> str:
+def train_progress(d: StageDir) -> str:
     """Where a training folder stands, from its files: planned steps, checkpoints, the summary."""
     summary = read_json(d / TRAIN_SUMMARY) if (d / TRAIN_SUMMARY).is_file() else None
     config = read_json(d / TRAIN_CONFIG) if (d / TRAIN_CONFIG).is_file() else None
@@ -97,7 +96,7 @@ class _TrainingStage(Stage):
     def report(self, result: Mapping[str, Any]) -> Mapping[str, Any] | None:
         return {k: v for k, v in result.items() if k not in ("history", "extra")}
 
-    def status(self, d: Path, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
+    def status(self, d: StageDir, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
         given = st.state == "done" and "steps" not in result
         st.progress = f"given: {result.get('model_dir')}" if given else train_progress(d)
         return st

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from capfilt.core.stage import Section, Stage, StageContext, StageStatus, readable
+from capfilt.core import fs
+from capfilt.core.stage import Section, Stage, StageContext, StageDir, StageStatus, readable
 
 if TYPE_CHECKING:
     import torch
@@ -207,9 +208,12 @@ def head_logits(logits: torch.Tensor, classes: Mapping[str, Sequence[str]]) -> d
     return out
 
 
-def train_vit_classifier(cfg: VitInitConfig, med_config: MedConfig, out_dir: str | Path) -> dict[str, Any]:
+def train_vit_classifier(cfg: VitInitConfig, med_config: MedConfig, out_dir: StageDir) -> dict[str, Any]:
     """Train the classifier and write ``out_dir/vit.safetensors`` (timm keys, head included; the
-    loader drops the head). Returns the stage's summary: steps, losses, held-out accuracies, file."""
+    loader drops the head; a folder on object storage gets it uploaded). Returns the stage's
+    summary: steps, losses, held-out accuracies, file."""
+    import tempfile
+
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
@@ -218,7 +222,7 @@ def train_vit_classifier(cfg: VitInitConfig, med_config: MedConfig, out_dir: str
     from capfilt.world.render import render
     from capfilt.world.scene import COLOURS, SHAPES
 
-    out = Path(out_dir).resolve()  # absolute: training workers do not run in the driver's folder
+    out = fs.location(out_dir).resolve()  # absolute: training workers do not run in the driver's folder
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -264,7 +268,10 @@ def train_vit_classifier(cfg: VitInitConfig, med_config: MedConfig, out_dir: str
             default_world = _default_world_accuracy(model, classes["shape"], cfg, size, test_transform(size))
             log.info("vit: shape accuracy on the default world's %d scenes %.3f", cfg.held_out, default_world)
     path = out / VIT_FILE
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with tempfile.TemporaryDirectory(prefix="capfilt-vit-") as tmp:
+        local = path if isinstance(path, Path) else Path(tmp) / VIT_FILE
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(local))
+        fs.put(local, path)
     window = losses[-min(100, len(losses)) :]
     return {
         "file": str(path),
@@ -352,7 +359,7 @@ class VitStage(Stage):
     def report(self, result: Mapping[str, Any]) -> Mapping[str, Any] | None:
         return dict(result)
 
-    def status(self, d: Path, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
+    def status(self, d: StageDir, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
         if result:
             st.progress = f"held-out shape accuracy {readable(result.get('held_out_accuracy'))}"
         return st

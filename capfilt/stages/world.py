@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from capfilt.core.shards import read_json, write_json_atomic
-from capfilt.core.stage import Section, Stage, StageContext, StageStatus, readable
+from capfilt.core.stage import Section, Stage, StageContext, StageDir, StageStatus, readable
 from capfilt.world.make import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class WorldStage(Stage):
     def summary(self, result: Mapping[str, Any]) -> list[str]:
         return [f"{k}: {_counts(v)}" for k, v in (result.get("counts") or {}).items()]
 
-    def status(self, d: Path, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
+    def status(self, d: StageDir, result: Mapping[str, Any], st: StageStatus) -> StageStatus:
         counts = result.get("counts") or {}
         images = counts.get("images") if isinstance(counts.get("images"), dict) else {}
         parts = [f"{k} {v}" for k, v in (images or {}).items()]

@@ -3,6 +3,7 @@ the caller, with the standard AWS environment variables pointing at it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ def s3_server(bucket: str | None = None) -> Iterator[str]:
 
     from capfilt.core import fs
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     saved = {k: os.environ.get(k) for k in _ENV}

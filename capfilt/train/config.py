@@ -87,6 +87,9 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)  # fractional on small machines so read tasks get CPU too
+    # How Ray places the workers: PACK fills one node first (DDP over local sockets); SPREAD spreads
+    # them where it can, STRICT_SPREAD puts each on its own node (one per host, or per GPU node).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     # None: on the embedded local instance, the machine's cores / num_workers; on a cluster, what
     # Ray gives a worker (OMP_NUM_THREADS = its CPU reservation).
     torch_threads: int | None = Field(None, ge=1)
@@ -151,5 +154,6 @@ _RESUME_MAY_CHANGE = frozenset(
         "num_workers",
         "cpus_per_worker",
         "use_gpu",
+        "placement_strategy",
     }
 )

@@ -20,14 +20,14 @@ import sys
 from collections import Counter
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.core.errors import ConfigError
+from capfilt.core.fs import Location
 from capfilt.core.text import pre_caption
 from capfilt.io.karpathy import read_entries
 from capfilt.train.config import DataSource
@@ -80,9 +80,9 @@ _mark_fsspec_http_absent()
 @dataclass(frozen=True)
 class _Resolved:
     kind: SourceKind
-    path: Path
-    files: tuple[Path, ...] = ()  # Parquet shards, sorted (samples/cleaned)
-    image_root: Path | None = None  # karpathy
+    path: Location  # a local path or a URI (capfilt.core.fs), as every path below
+    files: tuple[Location, ...] = ()  # Parquet shards, sorted (samples/cleaned)
+    image_root: Location | None = None  # karpathy
 
 
 def image_key(name: str) -> int:
@@ -96,13 +96,14 @@ def image_key(name: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _shard_files(folder: Path) -> tuple[Path, ...]:
+def _shard_files(folder: Location) -> tuple[Location, ...]:
     # Shards are NNNNN.parquet; bookkeeping under _* and temp files starting with "." are not data.
-    return tuple(sorted(p for p in folder.glob("*.parquet") if p.name[0] not in "._"))
+    files: list[Location] = [p for p in folder.glob("*.parquet") if p.name[0] not in "._"]
+    return tuple(sorted(files, key=str))
 
 
-def _kind_of_shards(files: Sequence[Path], folder: Path) -> SourceKind:
-    names = set(pq.read_schema(files[0]).names)
+def _kind_of_shards(files: Sequence[Location], folder: Location) -> SourceKind:
+    names = set(fs.read_schema(files[0]).names)
     if {"status", "image", "text", "uid"} <= names:
         return "samples"
     if {"text_uid", "text_source", "image", "text", "uid"} <= names:
@@ -113,14 +114,20 @@ def _kind_of_shards(files: Sequence[Path], folder: Path) -> SourceKind:
     )
 
 
-def _karpathy_root(json_path: Path, entries: list[dict[str, Any]], image_root: str | None) -> Path:
-    root = Path(image_root) if image_root else json_path.parent
+def _ancestors(path: Location) -> Iterator[Location]:
+    while path.parent != path:
+        path = path.parent
+        yield path
+
+
+def _karpathy_root(json_path: Location, entries: list[dict[str, Any]], image_root: str | None) -> Location:
+    root = fs.location(image_root) if image_root else json_path.parent
     if not root.is_dir():
         raise ConfigError(f"image_root {root} of {json_path} is not a folder")
     if entries:
         first = entries[0]["image"]
         if not (root / first).is_file():
-            hint = next((p for p in json_path.parents if (p / first).is_file()), None)
+            hint = next((p for p in _ancestors(json_path) if (p / first).is_file()), None)
             raise ConfigError(
                 f"{json_path}: its first image {first!r} is not under {root}; pass image_root="
                 + (f"{hint} (where it is)" if hint else "the folder its image paths are relative to")
@@ -133,7 +140,7 @@ def resolve_sources(sources: Iterable[DataSource | str]) -> list[_Resolved]:
     out: list[_Resolved] = []
     for src in sources:
         src = src if isinstance(src, DataSource) else DataSource(path=str(src))
-        path = Path(src.path)
+        path = fs.location(src.path)
         if not path.exists():
             raise ConfigError(f"training data {path} does not exist")
         if src.kind == "karpathy" or (src.kind == "auto" and path.suffix == ".json"):
@@ -156,12 +163,12 @@ def resolve_sources(sources: Iterable[DataSource | str]) -> list[_Resolved]:
     return out
 
 
-def read_karpathy(path: str | Path, image_root: str | Path | None = None) -> pa.Table:
-    """A COCO-Karpathy JSON as a table of (path: absolute image path, text, image_key), one row
+def read_karpathy(path: str | Location, image_root: str | Location | None = None) -> pa.Table:
+    """A COCO-Karpathy JSON as a table of (path: absolute image path or URI, text, image_key), one row
     per caption. A list-valued ``caption`` (the test format) gives one row per caption. The
     image key comes from ``image_id`` when present, else from the image path, so every caption
     of an image shares it."""
-    json_path = Path(path)
+    json_path = fs.location(path)
     entries = read_entries(json_path)
     root = _karpathy_root(json_path, entries, str(image_root) if image_root else None)
     paths: list[str] = []
@@ -197,11 +204,11 @@ def count_pairs(sources: Iterable[_Resolved]) -> PairCounts:
         if src.kind == "samples":
             n = 0
             for f in src.files:
-                status = Counter(pq.read_table(f, columns=["status"]).column("status").to_pylist())
+                status = Counter(fs.read_parquet(f, columns=["status"]).column("status").to_pylist())
                 n += status.pop(S.SUCCESS, 0)
                 skipped.update(status)
         elif src.kind == "cleaned":
-            n = sum(pq.ParquetFile(f).metadata.num_rows for f in src.files)
+            n = sum(fs.parquet_file(f).metadata.num_rows for f in src.files)
         else:
             n = read_karpathy(src.path, src.image_root).num_rows
         counts.by_source[str(src.path)] = n
@@ -219,7 +226,7 @@ def iter_texts(sources: Iterable[_Resolved], max_words: int | None = 30) -> Iter
             continue
         columns = ["text", "status"] if src.kind == "samples" else ["text"]
         for f in src.files:
-            for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=8192):
+            for batch in fs.parquet_file(f).iter_batches(columns=columns, batch_size=8192):
                 texts = batch.column("text").to_pylist()
                 ok = batch.column("status").to_pylist() if src.kind == "samples" else None
                 for i, text in enumerate(texts):
@@ -251,7 +258,7 @@ def _load_image_files(batch: pa.Table) -> pa.Table:
     images: list[bytes] = []
     for p in batch.column("path").to_pylist():
         try:
-            images.append(Path(p).read_bytes())
+            images.append(fs.location(p).read_bytes())
         except OSError as err:
             logger.warning("cannot read image file %s: %s", p, err)
             images.append(b"")
@@ -287,9 +294,11 @@ def pairs_dataset(sources: Sequence[_Resolved], seed: int = 0) -> ray.data.Datas
             ]
             ds = ray.data.from_arrow(blocks).map_batches(_load_image_files, batch_format="pyarrow")
         else:
-            files = [str(f) for f in src.files]
+            files = list(src.files)
             rng.shuffle(files)
-            ds = ray.data.read_parquet(files)
+            # One filesystem object for the read tasks, built here from the driver's settings.
+            paths = [fs.arrow(f)[0] for f in files]
+            ds = ray.data.read_parquet(paths, filesystem=fs.arrow(files[0])[1])
             if src.kind == "samples":
                 ds = ds.filter(expr=col("status") == S.SUCCESS)
             ds = ds.select_columns(["uid", "text", "image"]).map_batches(

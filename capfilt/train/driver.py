@@ -4,6 +4,11 @@ launches Ray Train's TorchTrainer on ``train_loop_per_worker`` and writes the fi
 A run folder (``out_dir``) holds ``train_config.json``, ``tokenizer/``, Ray's run folder
 ``<run_name>/checkpoint_<step>/`` (``capfilt.train.loop``), and at the end ``model/``
 (``save_med`` + tokenizer) and ``train_summary.json``.
+
+The run folder may be on object storage (``s3://bucket/runs/x/pretrain``): Ray Train then writes
+its checkpoints there itself (``RunConfig(storage_path=..., storage_filesystem=...)``), and the
+tokenizer and the final model are written to a local temp folder and uploaded
+(``capfilt.core.fs.put``); workers read the tokenizer from its URI.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from capfilt.core import fs
 from capfilt.core.errors import ConfigError, StageFailed
+from capfilt.core.fs import Location, RemotePath
 from capfilt.model import MedConfig, get_config
 from capfilt.model.objectives_config import check_queue_size
 from capfilt.model.tokenizer import TokenIds, find_tokenizer, load_tokenizer, train_wordpiece
@@ -86,7 +94,7 @@ def _losses(entry: dict[str, float] | None) -> dict[str, float]:
     return {k: v for k, v in (entry or {}).items() if k.startswith("loss")}
 
 
-def _check_resume(out: Path, cfg: TrainConfig, resume: bool) -> None:
+def _check_resume(out: Location, cfg: TrainConfig, resume: bool) -> None:
     saved_path = out / CONFIG_FILE
     if not resume:
         if saved_path.exists() or (out / cfg.run_name).exists():
@@ -109,8 +117,17 @@ def _check_resume(out: Path, cfg: TrainConfig, resume: bool) -> None:
         )
 
 
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, dest: Location) -> None:
+    if isinstance(dest, Path):
+        tokenizer.save_pretrained(str(dest))
+        return
+    with tempfile.TemporaryDirectory(prefix="capfilt-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        fs.put(Path(tmp), dest)
+
+
 def _prepare_tokenizer(
-    cfg: TrainConfig, sources: list[Any], out: Path, model_vocab: int
+    cfg: TrainConfig, sources: list[Any], out: Location, model_vocab: int
 ) -> PreTrainedTokenizerBase:
     """The run's tokenizer, saved once under out/tokenizer: reused on resume (WordPiece training is
     not reproducible), else the given one, the init checkpoint's, or a WordPiece trained on the data."""
@@ -125,13 +142,15 @@ def _prepare_tokenizer(
                 f"init {cfg.init}: {err}; pass tokenizer= the folder it was trained with"
             ) from None
         tokenizer = load_tokenizer(given)
-        tokenizer.save_pretrained(str(tok_dir))
+        _save_tokenizer(tokenizer, tok_dir)
         return tokenizer
     texts = iter_texts(sources, cfg.max_words)
     if cfg.prompt:
         texts = _chain([cfg.prompt], texts)
     logger.info("training a WordPiece tokenizer on the training texts")
-    return train_wordpiece(texts, vocab_size=cfg.tokenizer_vocab_size or model_vocab, out_dir=tok_dir)
+    tokenizer = train_wordpiece(texts, vocab_size=cfg.tokenizer_vocab_size or model_vocab)
+    _save_tokenizer(tokenizer, tok_dir)
+    return tokenizer
 
 
 def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
@@ -193,8 +212,8 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
     from capfilt.core.cluster import ensure_ray, local_threads_per_worker
     from capfilt.model.checkpoint import save_med
 
-    out = Path(cfg.out_dir).resolve()
-    if cfg.vision_init and Path(cfg.vision_init).exists():
+    out = fs.location(cfg.out_dir).resolve()
+    if cfg.vision_init and not fs.is_remote(cfg.vision_init) and Path(cfg.vision_init).exists():
         # Workers do not run in the driver's folder: give them an absolute path.
         cfg = cfg.model_copy(update={"vision_init": str(Path(cfg.vision_init).resolve())})
     _check_resume(out, cfg, resume)
@@ -206,7 +225,7 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
     tokenizer = _prepare_tokenizer(cfg, sources, out, base_config.text.vocab_size if base_config else 0)
     med_config = _prepare_model_config(cfg, tokenizer)
     _check_queue(cfg, med_config)
-    (out / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
+    fs.write_atomic(out / CONFIG_FILE, (cfg.model_dump_json(indent=2) + "\n").encode())
     logger.info(
         "training %s on %d rows (%s not downloaded) for %s steps with %d worker(s)",
         med_config.name,
@@ -234,11 +253,17 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
             "log_level": logging.getLogger("capfilt").getEffectiveLevel(),
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=str(out),
+            # A remote folder: its bucket/key and the filesystem object, which Ray hands to every
+            # worker (each uploads its own part of a checkpoint); workers need no shared disk.
+            storage_path=out.fs_path if isinstance(out, RemotePath) else str(out),
+            storage_filesystem=out.filesystem if isinstance(out, RemotePath) else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -261,8 +286,11 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
     with result.checkpoint.as_directory() as ckpt_dir:
         med = load_trained_med(ckpt_dir)
     model_dir = out / MODEL_DIR
-    save_med(med, model_dir)
-    tokenizer.save_pretrained(str(model_dir))
+    with tempfile.TemporaryDirectory(prefix="capfilt-model-") as tmp:
+        local = model_dir if isinstance(model_dir, Path) else Path(tmp) / MODEL_DIR
+        save_med(med, local)
+        tokenizer.save_pretrained(str(local))
+        fs.put(local, model_dir)  # nothing to do for a local run folder
     history = rv["history"]
     this_run = [h["samples_per_s"] for h in history if h["step"] > (rv["resumed_from_step"] or 0)]
     summary = TrainSummary(
@@ -277,11 +305,16 @@ def run_training(cfg: TrainConfig, ray_address: str | None = None, resume: bool 
         final_losses=_losses(history[-1] if history else None),
         history=history,
         skipped={**rv["skipped"], **counts.not_downloaded},
-        checkpoint=str(result.checkpoint.path),
+        checkpoint=_uri(out, result.checkpoint.path),
         model_dir=str(model_dir),
         tokenizer_dir=str(out / TOKENIZER_DIR),
         world_size=rv["world_size"],
         resumed_from_step=rv["resumed_from_step"],
     )
-    (out / SUMMARY_FILE).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    fs.write_atomic(out / SUMMARY_FILE, (json.dumps(summary.to_json(), indent=2) + "\n").encode())
     return summary
+
+
+def _uri(out: Location, path: str) -> str:
+    """A checkpoint's path as Ray gives it (bucket/key for a remote folder) as a user names it."""
+    return f"{out.scheme}://{path}" if isinstance(out, RemotePath) else path

@@ -1,4 +1,8 @@
-"""The captioner and filter checkpoints of a CapFilt run: checked before any work starts, loaded in the actors."""
+"""The captioner and filter checkpoints of a CapFilt run: checked before any work starts, loaded in the actors.
+
+A checkpoint or tokenizer on object storage stays a URI in its ``ModelRef``: the driver checks it
+through its own local copy, and each actor makes (or finds) the copy on its own node when it
+loads it (``capfilt.core.fs.local_copy``), since the driver's cache is not on the other nodes."""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from capfilt.core import fs
 from capfilt.core.errors import ConfigError
+from capfilt.core.fs import Location, RemotePath
 from capfilt.model.checkpoint import model_id
 from capfilt.stages.capfilt.config import CapFiltConfig
 
@@ -27,14 +33,14 @@ log = logging.getLogger(__name__)
 class ModelRef:
     """A captioner or filter checkpoint as the actors will load it."""
 
-    path: str
-    tokenizer: str
+    path: str  # an absolute local path, or a URI that each actor copies to its node's cache
+    tokenizer: str  # the same
     arch: str | None  # architecture name, only for an original BLIP .pth
     model_id: str  # folder/file name + hash of the weights: recorded on every row
     image_size: int
 
 
-def _read_med_config(path: Path, arch: str | None, ids: TokenIds) -> MedConfig:
+def _read_med_config(path: Location, arch: str | None, ids: TokenIds) -> MedConfig:
     """The MedConfig of a checkpoint from its config files (a folder) or key shapes (a .pth)."""
     from capfilt.model.checkpoint import checkpoint_format, inspect_checkpoint
 
@@ -44,9 +50,9 @@ def _read_med_config(path: Path, arch: str | None, ids: TokenIds) -> MedConfig:
 
 
 def resolve_model(
-    path: str | Path,
+    path: str | Path | RemotePath,
     role: Literal["captioner", "filter"],
-    tokenizer: str | Path | None = None,
+    tokenizer: str | Path | RemotePath | None = None,
     arch: str | None = None,
 ) -> ModelRef:
     """Check a checkpoint and its tokenizer before any work starts: the role's heads are there and
@@ -54,7 +60,7 @@ def resolve_model(
     from capfilt.model.checkpoint import check_role
     from capfilt.model.tokenizer import TokenIds, find_tokenizer, load_tokenizer
 
-    path = Path(path)
+    path = fs.location(path)
     check_role(path, role, label=f"--{role}")  # key names only: fails before anything is loaded
     tok_dir = find_tokenizer(path, tokenizer)
     ids = TokenIds.from_tokenizer(load_tokenizer(tok_dir))
@@ -70,6 +76,7 @@ def resolve_model(
             f"tokenizer {tok_dir} does not fit {role} {path}: {wrong}; pass the tokenizer the model "
             "was trained with (--tokenizer DIR)"
         )
+    # resolve(): actors do not run in the driver's folder; a URI is its own absolute name.
     return ModelRef(
         str(path.resolve()), str(tok_dir.resolve()), arch, model_id(path), config.vision.image_size
     )
