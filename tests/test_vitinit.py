@@ -17,6 +17,7 @@ from capfilt.stages.vit import (
     LEGACY,
     VIT_FILE,
     VitInitConfig,
+    _lr_at,
     head_logits,
     labelled_scenes,
     scene_labels,
@@ -159,3 +160,13 @@ def test_vocabulary_validation() -> None:
     assert cfg.vocabulary_of()["background"] == BACKGROUNDS
     flat = VitInitConfig(vocabulary="family_flat").classes()
     assert flat["shape"] == ALL_SHAPES and flat["colour"] == ALL_COLOURS and "background" not in flat
+
+
+def test_the_lr_warms_up_then_decays_to_its_floor() -> None:
+    cfg = VitInitConfig(steps=900, lr=5e-4, warmup_steps=100, min_lr=1e-5)
+    lrs = [_lr_at(cfg, s) for s in range(1, cfg.steps + 1)]
+    assert lrs[0] == pytest.approx(5e-6) and lrs[99] == pytest.approx(5e-4)  # linear warmup
+    assert all(a < b for a, b in zip(lrs[:99], lrs[1:100], strict=True))
+    assert all(a >= b for a, b in zip(lrs[99:], lrs[100:], strict=True))  # then never up again
+    assert lrs[-1] == pytest.approx(1e-5)
+    assert _lr_at(VitInitConfig(warmup_steps=0, min_lr=5e-4, lr=5e-4), 1) == pytest.approx(5e-4)  # constant
