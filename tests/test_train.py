@@ -274,3 +274,33 @@ def test_two_worker_ddp_through_the_cli_draws_itm_negatives_from_the_global_batc
     assert load_med(summary["model_dir"]).heads == {"itc", "itm", "lm"}
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 2 and "already holds a training run" in refused.output
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_vision_lr_scale_slows_or_freezes_the_image_encoder(tmp_path: Path, scale: float) -> None:
+    """vision_lr_scale: the ViT's lr is that share of the schedule's; 0 leaves it out of the
+    optimizer and unchanged by a step, while the text side trains."""
+    from capfilt.model.config import get_config
+    from capfilt.train.data import TrainBatch
+    from capfilt.train.loop import train_step
+
+    cfg = _config(tmp_path, tmp_path / "out", vision_lr_scale=scale, objectives=LEARN_OBJECTIVES)
+    med_config = get_config("med-tiny")
+    state = build_state(cfg, med_config)
+    vision = {id(p) for p in state.med.vision_model.parameters()}
+    groups = {g["lr_scale"]: {id(p) for p in g["params"]} for g in state.optimizer.param_groups}
+    assert not groups[1.0] & vision
+    assert (scale in groups) == (scale > 0) and (scale == 0 or groups[scale] == vision)
+    before = {n: p.detach().clone() for n, p in state.med.named_parameters()}
+    size, vocab = med_config.vision.image_size, med_config.text.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (4, 8), generator=g)
+    batch = TrainBatch(
+        torch.randn(4, 3, size, size, generator=g), ids, torch.ones_like(ids), torch.arange(4), ids.clone()
+    )
+    train_step(state, batch, lr=1e-3)
+    rates = {g["lr_scale"]: g["lr"] for g in state.optimizer.param_groups}
+    assert rates[1.0] == pytest.approx(1e-3) and (scale == 0 or rates[scale] == pytest.approx(1e-3 * scale))
+    moved = {n for n, p in state.med.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("text_encoder.") for n in moved)
+    assert any(n.startswith("vision_model.") for n in moved) == (scale > 0)

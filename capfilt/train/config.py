@@ -72,6 +72,10 @@ class TrainConfig(BaseModel):
     decay_rate: float = Field(0.9, gt=0, le=1)  # per epoch, for step_decay
     schedule: Literal["step_decay", "cosine"] = "step_decay"
     weight_decay: float = Field(0.05, ge=0)
+    # The image encoder's lr as a share of ``lr``: 1 trains it like the rest (BLIP); below 1 keeps
+    # more of what its init (``vision_init``, or a round-1 model) learnt; 0 freezes it (no backward
+    # through the ViT at all).
+    vision_lr_scale: float = Field(1.0, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
 
     # Inputs.

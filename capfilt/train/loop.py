@@ -151,9 +151,15 @@ def build_state(
     med.train()
     objectives.train()
     model = wrap(objectives) if wrap else objectives
+    if cfg.vision_lr_scale == 0:
+        med.vision_model.requires_grad_(False)
+    vision = {id(p) for p in med.vision_model.parameters()}
     params = [p for p in objectives.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in vision], "lr_scale": 1.0}]
+    if cfg.vision_lr_scale > 0:
+        groups.append({"params": [p for p in params if id(p) in vision], "lr_scale": cfg.vision_lr_scale})
     # BLIP decays every parameter, biases and LayerNorms included.
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return TrainState(med=med, objectives=objectives, model=model, optimizer=optimizer)
 
 
@@ -274,7 +280,7 @@ def train_step(
     """Forward all enabled objectives, backward, clip, AdamW, clamp the temperature. Returns the
     objectives' outputs, detached (read them with float() only when logging: a GPU sync)."""
     for group in state.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     device_type = batch.pixel_values.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16 and device_type == "cuda"):
         out = state.model(
