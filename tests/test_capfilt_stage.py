@@ -665,3 +665,45 @@ def test_summary_lines_round_numbers_for_a_person():
     )
     assert "0.3541" not in lines and "0.4123" not in lines
     assert "cleaned shards:" in lines and "caption shards:" not in lines
+
+
+def test_calibrate_stage_labels_a_fixed_world_sample_and_applies_its_thresholds(
+    full_run, downloaded, small_world, tmp_path
+):
+    """The calibrate stage on a shapes run: the same 60 labelled web pairs every time, each label
+    the world's truth; the threshold it picks reaches the capfilt folder's manifest and stats."""
+    from types import SimpleNamespace
+
+    from capfilt.eval.quality import web_truth
+    from capfilt.stages.calibrate import STAGE as CALIBRATE
+    from capfilt.stages.calibrate import CalibrateConfig, world_labels
+    from capfilt.world import load_world
+
+    out, _ = full_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    world = load_world(small_world)
+    samples = read_samples(downloaded, columns=["uid", "row", "status", "text"])
+    first, again = (world_labels(samples, world, 60, seed=0) for _ in range(2))
+    assert first.equals(again) and first.num_rows == 60 and len(set(first["uid"].to_pylist())) == 60
+    truth = dict(
+        zip(*web_truth(samples, world.labels).select(["uid", "is_correct"]).to_pydict().values(), strict=True)
+    )
+    assert first["correct"].to_pylist() == [truth[u] for u in first["uid"].to_pylist()]
+    assert not first.equals(world_labels(samples, world, 60, seed=1))
+    with pytest.raises(ValueError, match="only"):
+        world_labels(samples, world, 10_000, seed=0)
+
+    cfg = CalibrateConfig(world_sample=60, target_precision=0.6, resamples=50)
+    dirs = {"capfilt": run, "download": downloaded, "world": small_world}
+    ctx = SimpleNamespace(
+        recipe=SimpleNamespace(section=lambda name: cfg),
+        run=SimpleNamespace(dir=lambda name: dirs[name]),
+        dir=tmp_path / "calibrate",
+    )
+    result = CALIBRATE.run(ctx)
+    assert pq.read_table(tmp_path / "calibrate" / "labels.parquet").equals(first)
+    manifest = json.loads((run / "_manifest.json").read_text())
+    picked = result["thresholds"]["web"]
+    assert manifest["config"]["thresholds"] == ({"web": picked} if picked is not None else {})
+    assert CALIBRATE.summary(result) and "web" in CALIBRATE.summary(result)[0]

@@ -448,6 +448,59 @@ def _threshold(candidates: pa.Table, quality: Mapping[str, Any], files: Path, th
     return "".join(parts)
 
 
+def _calibration(calibration: Mapping[str, Mapping[str, Any]], files: Path) -> str:
+    """The thresholds `capfilt calibrate` picked: the labelled sample's precision and recall
+    against the threshold per text source, the target and the chosen point marked."""
+    from capfilt.eval.report_plots import calibration_figure
+
+    rows, curves = [], {}
+    for src, c in calibration.items():
+        lo, hi = c.get("precision_ci") or (None, None)
+        t_lo, t_hi = c.get("threshold_ci") or (None, None)
+        rows.append(
+            [
+                src,
+                f"{c.get('n_labels', 0):,}",
+                _num(c.get("target"), 2),
+                _num(c.get("threshold"), 3) if c.get("threshold") is not None else "out of reach",
+                f"{_num(t_lo, 3)} – {_num(t_hi, 3)}",
+                _pct(c.get("precision")),
+                f"{_pct(lo)} – {_pct(hi)}",
+                _pct(c.get("recall")),
+            ]
+        )
+        if c.get("curve"):
+            curves[src] = c
+    parts = [
+        "<h3>Calibrated thresholds</h3>"
+        + _table(
+            [
+                "source",
+                "labels",
+                "target",
+                "threshold",
+                "threshold range",
+                "precision",
+                "precision interval",
+                "recall",
+            ],
+            rows,
+            (1, 2, 3, 5, 7),
+        )
+        + '<p class="note">on the labelled sample; the ranges are bootstrap 95 % intervals: the precision interval is where the precision on unlabelled rows is expected to fall</p>'
+    ]
+    if curves:
+        calibration_figure(files / "calibration.png", curves)
+        parts.append(
+            _figure(
+                files,
+                "calibration.png",
+                "labelled sample: precision (blue) and recall (red) of keeping texts at or above each threshold; dotted: the target; dashed: the chosen threshold",
+            )
+        )
+    return "".join(parts)
+
+
 def _figure(files: Path, name: str, caption: str) -> str:
     src = f"{files.name}/{name}"
     return f'<figure><img src="{_e(src)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
@@ -634,6 +687,7 @@ def write_report(
     images: Mapping[str, bytes] | pa.Table | None = None,
     samples: pa.Table | None = None,
     threshold: float = 0.5,
+    calibration: Mapping[str, Mapping[str, Any]] | None = None,
     per_bin: int = 4,
     n_borderline: int = 50,
     seed: int = 0,
@@ -651,6 +705,8 @@ def write_report(
     - ``images``: thumbnails: uid -> encoded image bytes, or a table with uid and image columns
       (SAMPLE rows); only the images shown are decoded.
     - ``samples``: SAMPLE rows with url, status and reason, for example URLs of failed downloads.
+    - ``calibration``: text source -> its ``Calibration`` (``_calibration.json``'s ``sources``),
+      shown with its labelled sample's precision/recall curve.
     """
     run = Path(run_dir)
     out = Path(out_html)
@@ -672,9 +728,12 @@ def write_report(
 
     body = {
         "headline": _headline(runs, rounds, capfilt, candidates),
-        "threshold": _threshold(candidates, capfilt or {}, files, threshold)
-        if candidates is not None
-        else '<p class="note">no CapFilt round in this run</p>',
+        "threshold": (
+            _threshold(candidates, capfilt or {}, files, threshold)
+            if candidates is not None
+            else '<p class="note">no CapFilt round in this run</p>'
+        )
+        + (_calibration(calibration, files) if calibration else ""),
         "removed": _removed(candidates, images, files, threshold, per_bin, n_borderline, seed)
         if candidates is not None
         else '<p class="note">no CapFilt round in this run</p>',

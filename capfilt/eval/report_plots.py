@@ -8,13 +8,14 @@ so the page can print them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["PRCurve", "pr_curve", "pr_figure", "score_panels"]
+__all__ = ["PRCurve", "calibration_figure", "pr_curve", "pr_figure", "score_panels"]
 
 # One colour per text source, so a source reads the same in every figure.
 _COLOURS = {"web": "#4c72b0", "synthetic": "#dd8452", "human": "#55a868"}
@@ -119,6 +120,35 @@ def pr_figure(path: Path, curves: Sequence[PRCurve], threshold: float) -> None:
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)
         ax.axhline(c.n_true / c.n, color="#999999", linewidth=0.8, linestyle=":")
+    axes[0].set_ylabel("precision / recall", fontsize=8)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.savefig(path, format="png")
+
+
+def calibration_figure(path: Path, calibrations: Mapping[str, Mapping[str, Any]]) -> None:
+    """One panel per text source: the labelled sample's precision and recall (y) against the
+    threshold (x), from ``Calibration.curve``; the target and the chosen threshold marked."""
+    from matplotlib.figure import Figure
+
+    n = max(1, len(calibrations))
+    fig = Figure(figsize=(3.6 * n, 2.9), dpi=100, layout="constrained")
+    axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
+    for ax, (src, c) in zip(axes, calibrations.items(), strict=False):
+        curve = c["curve"]
+        t = np.asarray(curve["threshold"], dtype=np.float64)
+        ax.plot(t, curve["precision"], color="#4c72b0", label="precision")
+        ax.plot(t, curve["recall"], color="#c44e52", label="recall")
+        ax.axhline(float(c["target"]), color="#999999", linewidth=0.8, linestyle=":")
+        chosen = c.get("threshold")
+        title = f"{src}: {c['n_labels']} labels"
+        if chosen is not None:
+            ax.axvline(float(chosen), color="black", linestyle="--", linewidth=1)
+            title += f", threshold {float(chosen):.3f}"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("ITM threshold", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.tick_params(labelsize=7)
     axes[0].set_ylabel("precision / recall", fontsize=8)
     axes[0].legend(fontsize=7, loc="lower left")
     fig.savefig(path, format="png")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from capfilt.core import fs
+from capfilt.core.layout import CALIBRATION
 from capfilt.core.stage import Section, Stage, StageContext, StageDir, StageStatus, readable
 from capfilt.eval.config import EvalConfig
 from capfilt.stages import registry
@@ -32,7 +33,7 @@ class EvaluateStage(Stage):
             )
 
     def upstream(self, recipe: Any) -> list[str]:
-        return [s for s in ("pretrain", "pretrain2", "capfilt") if s in recipe.stages]
+        return [s for s in ("pretrain", "pretrain2", "capfilt", "calibrate") if s in recipe.stages]
 
     def fit(self, recipe: Any, cpus: float, gpus: float) -> Any:
         from capfilt.core.stage import Fit
@@ -118,6 +119,9 @@ def evaluate_run(run: Any, d: StageDir) -> dict[str, Any]:
             candidates = label_candidates(candidates, samples, world)
     elif run.has("download"):  # the report's example URLs of failed downloads
         samples = read_samples(run.dir("download"), columns=["uid", "row", "url", "status", "reason"])
+    calibration = None
+    if run.has("capfilt") and (run.dir("capfilt") / CALIBRATION).is_file():
+        calibration = fs.read_json(run.dir("capfilt") / CALIBRATION).get("sources")
     results = {"rounds": rounds, "capfilt": quality}
     write_results(d / "results.json", results)
     with tempfile.TemporaryDirectory(prefix="capfilt-report-") as tmp:
@@ -134,6 +138,7 @@ def evaluate_run(run: Any, d: StageDir) -> dict[str, Any]:
             images=samples,
             samples=samples,
             threshold=threshold,
+            calibration=calibration,
         )
         if not isinstance(d, Path):
             fs.put(local, d)

@@ -164,7 +164,10 @@ class Pretrain2Stage(_TrainingStage):
         _section(recipe)
 
     def upstream(self, recipe: Any) -> list[str]:
-        return ["capfilt", "pretrain", *(["vit"] if "vit" in recipe.stages else [])]
+        extra = [
+            s for s in ("calibrate", "vit") if s in recipe.stages
+        ]  # calibrate re-decides capfilt's output
+        return ["capfilt", "pretrain", *extra]
 
     def key(self, recipe: Any) -> Any:
         return {"train": _section(recipe).key()}
