@@ -6,7 +6,9 @@ sample, then applied to the run's cleaned shards before round 2 trains on them.
   may instead label ``world_sample`` downloaded web pairs from the world's side table, as a
   person would label a few hundred by hand: one fixed sample, drawn with ``seed``, written to
   ``calibrate/labels.parquet`` and used for nothing else (the quality benchmark leaves those rows
-  out of what it measures).
+  out of what it measures). With ``synthetic`` in ``sources`` it also labels ``world_sample``
+  synthetic captions of other images with the world's checker, as a person judging captions
+  against their images would.
 - Thresholds: per text source in ``sources``, the lowest one whose kept labelled rows reach
   ``target_precision`` (``capfilt.eval.calibrate``), written to the capfilt folder's
   ``_calibration.json``.
@@ -67,6 +69,32 @@ def world_labels(samples: Any, world: Any, n: int, seed: int) -> Any:
     )
 
 
+def world_caption_labels(labelled: Any, n: int, seed: int, avoid_uids: set[str]) -> Any:
+    """``n`` scored synthetic captions of images outside ``avoid_uids`` with the world checker's
+    verdict (text_uid, correct): what a person judging captions against their images gives.
+    ``labelled``: CANDIDATE rows with the ``truth`` column of ``eval.quality.label_candidates``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    syn = labelled.filter(
+        pc.and_(
+            pc.and_(pc.equal(labelled["text_source"], "synthetic"), pc.is_valid(labelled["itm_score"])),
+            pc.is_valid(labelled["truth"]),
+        )
+    )
+    if avoid_uids:
+        syn = syn.filter(pc.invert(pc.is_in(syn["uid"], pa.array(sorted(avoid_uids), pa.string()))))
+    syn = syn.sort_by("text_uid")
+    if syn.num_rows < n:
+        raise ValueError(
+            f"calibrate.world_sample {n}: the run has only {syn.num_rows} scored synthetic captions"
+        )
+    pick = np.sort(np.random.default_rng(seed).choice(syn.num_rows, size=n, replace=False))
+    part = syn.take(pa.array(pick))
+    return pa.table({"text_uid": part["text_uid"], "correct": part["truth"]})
+
+
 class CalibrateStage(Stage):
     name = "calibrate"
     help = "pick CapFilt's thresholds for a target precision from labelled pairs, and apply them"
@@ -97,16 +125,32 @@ class CalibrateStage(Stage):
         capfilt_dir = ctx.run.dir("capfilt")
         labels: Any = cfg.labels
         if labels is None:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            from capfilt.eval.quality import label_candidates
+            from capfilt.stages.capfilt.rethreshold import read_candidates
             from capfilt.stages.download import read_samples
             from capfilt.world import load_world
 
             samples = read_samples(ctx.run.dir("download"), columns=["uid", "row", "status", "text"])
-            table = world_labels(samples, load_world(ctx.run.dir("world")), cfg.world_sample, cfg.seed)
+            world = load_world(ctx.run.dir("world"))
+            web = world_labels(samples, world, cfg.world_sample, cfg.seed)
+            cands = read_candidates(capfilt_dir)
+            # The web pairs' text_uids, so web and caption labels share one key.
+            rows = cands.filter(pc.equal(cands["text_source"], "web")).select(["uid", "text", "text_uid"])
+            keyed = web.join(rows, keys=["uid", "text"], join_type="inner").select(["text_uid", "correct"])
+            parts = [keyed] if "web" in cfg.sources else []
+            if "synthetic" in cfg.sources:
+                labelled = label_candidates(cands, samples, world)
+                avoid = set(web["uid"].to_pylist())
+                parts.append(world_caption_labels(labelled, cfg.world_sample, cfg.seed, avoid))
+            table = pa.concat_tables(parts)
             ctx.dir.mkdir(parents=True, exist_ok=True)
             labels = ctx.dir / LABELS_FILE
             write_parquet_atomic(labels, table)
             log.info(
-                "labelled %d web pairs of the world (%d correct)",
+                "labelled %d rows from the world's truth (%d correct)",
                 table.num_rows,
                 sum(table["correct"].to_pylist()),
             )
