@@ -85,22 +85,6 @@ def measure(labelled: Any, excluded: set[str]) -> dict[str, Any]:
     return out
 
 
-def synthetic_labels(labelled: Any, avoid_uids: set[str], n: int, seed: int) -> Any:
-    """``n`` synthetic captions of images outside ``avoid_uids``, with the checker's verdict as
-    their label: what a person labelling captions by hand gives."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    syn = labelled.filter(
-        pc.and_(pc.equal(labelled["text_source"], "synthetic"), pc.is_valid(labelled["itm_score"]))
-    )
-    syn = syn.filter(pc.invert(pc.is_in(syn["uid"], pa.array(sorted(avoid_uids), pa.string()))))
-    syn = syn.filter(pc.is_valid(syn["truth"])).sort_by("text_uid")
-    pick = np.sort(np.random.default_rng(seed).choice(syn.num_rows, size=min(n, syn.num_rows), replace=False))
-    part = syn.take(pa.array(pick))
-    return pa.table({"text_uid": part["text_uid"], "correct": part["truth"]})
-
-
 def run_k(run_dir: Path, recipe: Any, k: int) -> tuple[Path, float]:
     """The CapFilt stage's work at K captions per image into run_dir/quality/k<K>; its wall time."""
     from capfilt.pipeline.runner import Run
@@ -138,7 +122,7 @@ def evaluate_world(run_dir: Path, recipe: Any, ks: list[int], target: float, n_l
 
     from capfilt.eval.calibrate import calibrate
     from capfilt.eval.quality import label_candidates
-    from capfilt.stages.calibrate import world_labels
+    from capfilt.stages.calibrate import world_caption_labels, world_labels
     from capfilt.stages.capfilt.rethreshold import read_candidates
     from capfilt.stages.capfilt.select import select_table
     from capfilt.stages.download import read_samples
@@ -157,7 +141,7 @@ def evaluate_world(run_dir: Path, recipe: Any, ks: list[int], target: float, n_l
         labelled = label_candidates(read_candidates(out), samples, world)
         # The labelled rows of the web sample: their text_uids, left out of every figure.
         web_rows = labelled.filter(pc.equal(labelled["text_source"], "web"))
-        labelled_web = web_rows.filter(pc.is_in(web_rows["uid"], web_labels["uid"]))
+        labelled_web = web_rows.filter(pc.is_in(web_rows["uid"], web_labels["uid"].combine_chunks()))
         excluded = set(labelled_web["text_uid"].to_pylist())
         scored = labelled_web.filter(pc.is_valid(labelled_web["itm_score"]))
         cal_web = calibrate(
@@ -166,8 +150,8 @@ def evaluate_world(run_dir: Path, recipe: Any, ks: list[int], target: float, n_l
             target,
             source="web",
         )
-        syn_labels = synthetic_labels(labelled, web_label_uids, n_labels, seed=k)
-        syn_rows = labelled.filter(pc.is_in(labelled["text_uid"], syn_labels["text_uid"]))
+        syn_labels = world_caption_labels(labelled, n_labels, 0, web_label_uids)  # the stage's sample
+        syn_rows = labelled.filter(pc.is_in(labelled["text_uid"], syn_labels["text_uid"].combine_chunks()))
         cal_syn = calibrate(
             syn_rows["itm_score"].to_numpy(zero_copy_only=False),
             syn_rows["truth"].to_numpy(zero_copy_only=False),
@@ -234,7 +218,7 @@ def evaluate_world(run_dir: Path, recipe: Any, ks: list[int], target: float, n_l
 def main() -> None:
     import yaml
 
-    from capfilt.pipeline.recipe import load_recipe
+    from capfilt.pipeline.recipe import load_recipe, merge, parse_assignments
     from capfilt.pipeline.runner import run_recipe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -247,6 +231,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--labels", type=int, default=300)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--set", action="append", default=[], help="a recipe field, FIELD=VALUE (as capfilt run --set)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -254,7 +241,9 @@ def main() -> None:
     run_dir = Path(args.run or raw["out"])
     stages = raw.get("stages") or []
     upto = stages[: stages.index("finetune") + 1]
-    recipe = load_recipe(args.recipe, {"out": str(run_dir), "stages": upto})
+    recipe = load_recipe(
+        args.recipe, merge(parse_assignments(args.set), {"out": str(run_dir), "stages": upto})
+    )
     run_recipe(recipe)
     world_name = args.world or ("default" if recipe.name == "demo" else recipe.name)
     figures = evaluate_world(run_dir, recipe, args.ks, args.target, args.labels)
