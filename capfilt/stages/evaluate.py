@@ -60,6 +60,12 @@ class EvaluateStage(Stage):
             lines.append(
                 f"noise before CapFilt {readable(q.get('noise_before'))}, after {readable(q.get('noise_after'))}"
             )
+            for src, h in (q.get("calibrated_held_out") or {}).items():
+                lines.append(
+                    f"calibrated {src} threshold {readable(h['threshold'])} (target precision {h['target']}): "
+                    f"precision {readable(h['precision'])}, recall {readable(h['recall'])} on the "
+                    f"{h['rows']:,} rows not labelled"
+                )
         lines.append(f"report: {result.get('report')}")
         return lines
 
@@ -121,7 +127,21 @@ def evaluate_run(run: Any, d: StageDir) -> dict[str, Any]:
         samples = read_samples(run.dir("download"), columns=["uid", "row", "url", "status", "reason"])
     calibration = None
     if run.has("capfilt") and (run.dir("capfilt") / CALIBRATION).is_file():
-        calibration = fs.read_json(run.dir("capfilt") / CALIBRATION).get("sources")
+        doc = fs.read_json(run.dir("capfilt") / CALIBRATION)
+        calibration = doc.get("sources")
+        if (
+            world is not None
+            and calibration
+            and candidates is not None
+            and "truth" in candidates.column_names
+        ):
+            from capfilt.eval.calibrate import read_labels
+            from capfilt.stages.calibrate import held_out_precision
+
+            # The calibration's promise against the world's truth, on every row not labelled.
+            quality["calibrated_held_out"] = held_out_precision(
+                candidates, calibration, read_labels(doc["labels"])
+            )
     results = {"rounds": rounds, "capfilt": quality}
     write_results(d / "results.json", results)
     with tempfile.TemporaryDirectory(prefix="capfilt-report-") as tmp:
