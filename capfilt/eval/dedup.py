@@ -24,7 +24,18 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["exact_groups", "keepers", "near_groups", "search_neighbours"]
+__all__ = [
+    "DEFAULT_MIN_COSINE",
+    "exact_groups",
+    "keepers",
+    "merge_groups",
+    "near_groups",
+    "search_neighbours",
+]
+
+#: Near duplicates: embeddings at least this close (cosine). Chosen on a world with near
+#: duplicates of another seed than the one benchmarks/dedup.py reports (see that file).
+DEFAULT_MIN_COSINE = 0.95
 
 
 class _UnionFind:
@@ -122,6 +133,16 @@ def near_groups(
     for i, j in zip(rows.tolist(), idx[rows, cols].tolist(), strict=True):
         if j >= 0 and j != i:
             uf.union(i, j)
+    return uf.groups()
+
+
+def merge_groups(n: int, *group_lists: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The groups of several groupings of the same ``n`` rows, joined where they share a row."""
+    uf = _UnionFind(n)
+    for groups in group_lists:
+        for group in groups:
+            for i in group[1:]:
+                uf.union(group[0], i)
     return uf.groups()
 
 

@@ -21,6 +21,7 @@ _BUILTIN: tuple[tuple[str, str], ...] = (
     ("capfilt.stages.pretrain", "PRETRAIN"),
     ("capfilt.stages.finetune", "STAGE"),
     ("capfilt.stages.capfilt", "STAGE"),
+    ("capfilt.stages.dedup", "STAGE"),
     ("capfilt.stages.pretrain", "PRETRAIN2"),
     ("capfilt.stages.evaluate", "STAGE"),
 )
