@@ -189,12 +189,24 @@ def skipped_table(plan: _Plan, ids: _RunIds) -> pa.Table:
     return pa.table({f.name: pa.array(cols[f.name], f.type) for f in S.REMOVED}, schema=S.REMOVED)
 
 
-def work_saved(figures: dict[str, Any], images_run: int, seconds: float) -> dict[str, Any]:
-    """The GPU (model) work the skipped images did not cost: the measured wall seconds per image
-    of this run's captioning + filtering pipeline (model loading included, so an upper bound on
-    small runs) times the images skipped, and that less the embedding pass. None when no image
-    ran this time (a rerun of a finished run measures nothing)."""
-    per_image = seconds / images_run if images_run else None
+def per_image_seconds(shard_stats: list[dict[str, Any]], seconds: float, images: int) -> float | None:
+    """Wall seconds per image of the captioning + filtering pipeline: between the first and the
+    last web shard this run wrote (their stats' ``wall_s``), so actor start-up and model loading
+    are left out; with fewer than two such shards, the whole pipeline's time per image."""
+    done = sorted(
+        (s for s in shard_stats if s.get("kind") == "web" and s.get("images")), key=lambda s: s["wall_s"]
+    )
+    if len(done) >= 2 and done[-1]["wall_s"] > done[0]["wall_s"]:
+        return float((done[-1]["wall_s"] - done[0]["wall_s"]) / sum(s["images"] for s in done[1:]))
+    return seconds / images if images else None
+
+
+def work_saved(
+    figures: dict[str, Any], per_image: float | None, images_run: int, seconds: float
+) -> dict[str, Any]:
+    """The GPU (model) work the skipped images did not cost: the measured seconds per image of
+    this run's captioning + filtering (``per_image_seconds``) times the images skipped, and that
+    less the embedding pass. None when no image ran this time (a rerun of a finished run)."""
     saved = per_image * figures["images_skipped"] if per_image is not None else None
     embed_s = figures.get("embed_pass_s")
     return {

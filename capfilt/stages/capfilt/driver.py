@@ -51,14 +51,14 @@ from typing import Any
 from capfilt.core import fs
 from capfilt.core.errors import ConfigError, StageFailed
 from capfilt.core.fs import Location
-from capfilt.core.layout import MANIFEST, PARTS_DIR, SUMMARY
+from capfilt.core.layout import MANIFEST, PARTS_DIR, STATS_DIR, SUMMARY
 from capfilt.core.logs import log_context
 from capfilt.core.shards import read_json, write_json_atomic
 from capfilt.stages.capfilt.actors import CaptionerActor, FilterActor
 from capfilt.stages.capfilt.chunks import preprocess_chunks, read_chunks, unscored_chunks
 from capfilt.stages.capfilt.config import STAGE, CapFiltConfig
 from capfilt.stages.capfilt.decisions import kept_dir
-from capfilt.stages.capfilt.dedup_before import plan_dedup_before, work_saved
+from capfilt.stages.capfilt.dedup_before import per_image_seconds, plan_dedup_before, work_saved
 from capfilt.stages.capfilt.human import HumanShard, human_shards, write_human_shard
 from capfilt.stages.capfilt.inputs import _input_files, _Plan, _plan
 from capfilt.stages.capfilt.models import ModelRef, resolve_model
@@ -374,6 +374,12 @@ def run_capfilt(
     summary.shards_pending = len(plans) - len(done) - len(todo)
     summary.wall_s = time.time() - t0
     if skipping is not None:
-        summary.extra["dedup_before"] = work_saved(skipping, images_run, t_models)
+        ran = [
+            read_json(out_dir / STATS_DIR / f"{p.name}.json")
+            for p in todo
+            if shard_done(out_dir, p.name, kept)
+        ]
+        per_image = per_image_seconds(ran, t_models, images_run)
+        summary.extra["dedup_before"] = work_saved(skipping, per_image, images_run, t_models)
     write_json_atomic(out_dir / SUMMARY, summary.to_json())
     return summary
