@@ -290,7 +290,7 @@ def test_dedup_before_captions_no_duplicate_and_records_each(before_run, downloa
     assert figures["images_skipped"] == len(skipped)
     assert figures["images_skipped_exact"] >= len(sha) - len(set(sha))
     assert figures["seconds_per_image"] > 0 and figures["seconds_saved"] == pytest.approx(
-        figures["seconds_per_image"] * len(skipped), rel=1e-3
+        figures["seconds_per_image"] * len(skipped), abs=2e-3  # both rounded in the summary
     )
     # Keepers are the first of their group by input row.
     row = dict(zip(uids, success.column("row").to_pylist(), strict=True))
