@@ -251,6 +251,11 @@ def test_pretrain2_trains_on_dedup_cleaned_when_the_recipe_dedups(tmp_path, monk
 
     with pytest.raises((ConfigError, ValueError), match="list dedup before pretrain2"):
         recipe(["capfilt", "pretrain2", "dedup"])
+    # Opt-in: a recipe that lists no stages runs every stage but dedup.
+    from capfilt.pipeline.recipe import recipe_model
+
+    everything = recipe_model().model_fields["stages"].default_factory()  # type: ignore[call-arg, misc]
+    assert "dedup" not in everything and {"capfilt", "pretrain2"} <= set(everything)
 
 
 # ---------------------------------------------------------------------- before captioning
@@ -290,7 +295,8 @@ def test_dedup_before_captions_no_duplicate_and_records_each(before_run, downloa
     assert figures["images_skipped"] == len(skipped)
     assert figures["images_skipped_exact"] >= len(sha) - len(set(sha))
     assert figures["seconds_per_image"] > 0 and figures["seconds_saved"] == pytest.approx(
-        figures["seconds_per_image"] * len(skipped), abs=2e-3  # both rounded in the summary
+        figures["seconds_per_image"] * len(skipped),
+        abs=2e-3,  # both rounded in the summary
     )
     # Keepers are the first of their group by input row.
     row = dict(zip(uids, success.column("row").to_pylist(), strict=True))

@@ -49,6 +49,7 @@ from capfilt.eval.dedup import DEFAULT_MIN_COSINE
 log = logging.getLogger(__name__)
 
 NAME = "dedup"
+MOST_REMOVED = 0.5  # removing more than this share of the images is logged as a likely bad embedding
 
 #: What ``find_duplicates`` returns: one row per removed image.
 DUPLICATES = pa.schema(
@@ -308,6 +309,14 @@ def run_dedup(
         "wall_s": round(time.time() - t0, 3),
         "out_dir": str(odir),
     }
+    if images.num_rows and dups.num_rows > MOST_REMOVED * images.num_rows:
+        log.warning(
+            "dedup removes %d of %d images: embeddings this alike suggest a filter that does not tell "
+            "images apart (undertrained?); check it, or raise dedup.min_cosine (now %s)",
+            dups.num_rows,
+            images.num_rows,
+            cfg.min_cosine,
+        )
     if summary["rows_in"] != summary["rows_out"] + summary["rows_removed"]:
         raise RuntimeError(f"dedup lost rows: {summary}")
     write_json_atomic(odir / SUMMARY, summary)
@@ -333,6 +342,9 @@ class DedupStage(Stage):
     sections: ClassVar[Mapping[str, Section]] = {
         "dedup": Section(DedupConfig, default_factory=DedupConfig, help="min_cosine, exact, near, faiss")
     }
+    # Opt-in: its threshold fits a trained filter's embeddings (an undertrained one embeds every
+    # image alike), so a recipe names it in its stages.
+    by_default = False
 
     def check(self, recipe: Any, check_paths: bool) -> None:
         stages = list(recipe.stages)

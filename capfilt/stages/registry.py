@@ -45,6 +45,11 @@ def names() -> tuple[str, ...]:
     return tuple(s.name for s in _load())
 
 
+def default_names() -> tuple[str, ...]:
+    """The stages a recipe runs when it lists none: every stage but the opt-in ones."""
+    return tuple(s.name for s in _load() if s.by_default)
+
+
 def get(name: str) -> Stage:
     for s in _load():
         if s.name == name:
