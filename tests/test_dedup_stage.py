@@ -319,3 +319,46 @@ def test_dedup_before_resumes_from_its_plan_without_a_second_pass(
     again = run_capfilt(downloaded, out, models["captioner"], models["filter"], cfg)
     assert again.shards_written == 0 and again.images == summary.images
     assert again.extra["dedup_before"]["images_skipped"] == summary.extra["dedup_before"]["images_skipped"]
+
+
+# ------------------------------------------------------------------------------ on S3
+
+
+def test_dedup_on_an_s3_run_folder_gives_the_local_rows(capfilt_dir, downloaded, dedup_dir):
+    """The stage's inputs and outputs on S3 (moto on loopback; Ray restarted inside the server's
+    block so its workers see the endpoint): the same cleaned and removed rows as the local run."""
+    import pyarrow.fs as pafs
+    import ray
+
+    from capfilt.core import fs
+    from capfilt.core.cluster import ensure_ray
+    from capfilt.testing import s3_server
+
+    local_out, local_summary = dedup_dir
+    ray.shutdown()
+    try:
+        with s3_server() as root:
+            ensure_ray(num_cpus=4)
+            try:
+                run = fs.location(f"{root}/run")
+                for name, src in (("capfilt", capfilt_dir), ("download", downloaded)):
+                    dst = run / name
+                    pafs.copy_files(
+                        str(src), dst.fs_path, pafs.LocalFileSystem(), destination_filesystem=dst.filesystem
+                    )
+                summary = run_dedup(
+                    run / "capfilt", run / "download", run / "dedup", DedupConfig(min_cosine=NEAR)
+                )
+                for d, schema in ((CLEANED_DIR, S.CLEANED), (REMOVED_DIR, S.REMOVED)):
+                    files = sorted((run / "dedup" / d).glob("*.parquet"), key=str)
+                    remote = pa.concat_tables([fs.read_parquet(f, schema=schema) for f in files])
+                    local = _read(local_out / d, schema)
+                    assert sorted(remote.column("text_uid").to_pylist()) == sorted(
+                        local.column("text_uid").to_pylist()
+                    )
+            finally:
+                ray.shutdown()
+    finally:
+        ensure_ray(num_cpus=4)
+    keys = ("images_in", "images_removed", "rows_in", "rows_out", "rows_removed")
+    assert {k: summary[k] for k in keys} == {k: local_summary[k] for k in keys}
