@@ -362,3 +362,11 @@ def test_dedup_on_an_s3_run_folder_gives_the_local_rows(capfilt_dir, downloaded,
         ensure_ray(num_cpus=4)
     keys = ("images_in", "images_removed", "rows_in", "rows_out", "rows_removed")
     assert {k: summary[k] for k in keys} == {k: local_summary[k] for k in keys}
+
+
+def test_the_shipped_dedup_recipe_is_valid() -> None:
+    from capfilt.pipeline.recipe import load_recipe
+
+    rec = load_recipe(Path(__file__).parent.parent / "pipelines" / "dedup.yaml", check_paths=False)
+    assert rec.stages.index("capfilt") < rec.stages.index("dedup") < rec.stages.index("pretrain2")
+    assert rec.world.near_duplicate_rate > 0 and rec.dedup.min_cosine == DedupConfig().min_cosine
