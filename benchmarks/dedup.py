@@ -3,7 +3,8 @@ near duplicates, the default ``min_cosine`` chosen on one world and reported on 
 removed by the dedup stage, and the images (and seconds) dedup before captioning saves.
 
 Run as ``python benchmarks/dedup.py --run DIR`` (a finished demo-like run: its fine-tuned
-captioner and filter are used) or ``--captioner DIR --filter DIR``. Writes
+captioner and filter are used; a run that stopped after round 1 lends its pretrained model as
+both) or ``--captioner DIR --filter DIR``. Writes
 ``benchmarks/results/dedup.json``.
 
 - Worlds: ``--n-web`` web rows (3,000) with ``near_duplicate_rate`` 0.1 (the world's transforms:
@@ -49,7 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RESULTS = Path(__file__).parent / "results" / "dedup.json"
 log = logging.getLogger("dedup_benchmark")
 
-SWEEP = (0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.998)
+SWEEP = (0.80, 0.85, 0.90, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995)
 TRANSFORMS = ("jpeg_quality", "resize", "crop", "exact", "same_url")
 PRECISION_GOAL, RECALL_GOAL = 0.95, 0.90
 TUNE_PRECISION = 0.97  # the default is the lowest swept threshold at this precision on the tune world
@@ -131,27 +132,32 @@ def make_downloaded_world(root: Path, seed: int, n_web: int, rate: float) -> dic
     from capfilt.stages.download import DownloadConfig, read_samples, run_download
     from capfilt.world import WorldConfig, WorldServer, make_world, write_url_list
 
-    world = root / f"world-{seed}"
-    make_world(world, WorldConfig(seed=seed, n_web=n_web, n_human=20, n_test=20, near_duplicate_rate=rate))
-    dl = root / f"download-{seed}"
-    cfg = DownloadConfig(
-        image_size=64,
-        shard_size=500,
-        thread_count=16,
-        timeout=5,
-        source="shapes",
-        url_policy="allow_loopback",
-    )
-    with WorldServer(world) as server:
-        urls = write_url_list(world, server.base_url, world / "urls.parquet")
-        run_download(urls, dl, cfg, progress=False)
+    world = root / f"world-{seed}-{n_web}-{rate:g}"
+    dl = root / f"download-{seed}-{n_web}-{rate:g}"
+    if not (dl / "_summary.json").is_file():  # else made by an earlier run with this --work
+        make_world(
+            world, WorldConfig(seed=seed, n_web=n_web, n_human=20, n_test=20, near_duplicate_rate=rate)
+        )
+        cfg = DownloadConfig(
+            image_size=64,
+            shard_size=500,
+            thread_count=16,
+            timeout=5,
+            source="shapes",
+            url_policy="allow_loopback",
+        )
+        with WorldServer(world) as server:
+            urls = write_url_list(world, server.base_url, world / "urls.parquet")
+            run_download(urls, dl, cfg, progress=False)
     samples = read_samples(dl, ["uid", "row", "status", "sha256", "image"])
     ok = [r for r in samples.to_pylist() if r["status"] == "success"]
     labels = pq.read_table(world / "web_labels.parquet").to_pylist()
     return {"world": world, "download": dl, "images": ok, "labels": labels}
 
 
-def embeddings(filter_dir: str, images: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def embeddings(
+    filter_dir: str, images: list[dict[str, Any]], tokenizer: str | None = None
+) -> dict[str, np.ndarray]:
     """The filter's ITC image features, its ViT's [CLS] and its mean patch token, L2-normalised,
     float16-rounded as the embeddings table stores them, [n, d] each."""
     import torch
@@ -161,9 +167,9 @@ def embeddings(filter_dir: str, images: list[dict[str, Any]]) -> dict[str, np.nd
     from capfilt.stages.capfilt.models import load_model, resolve_model
     from capfilt.stages.capfilt.pixels import pixel_column, pixel_values, preprocess_batch
 
-    ref = resolve_model(filter_dir, "filter")
+    ref = resolve_model(filter_dir, "filter", tokenizer)
     med = load_model(ref, "filter", CapFiltConfig(dtype="float32"), device="cpu")
-    out: dict[str, list[np.ndarray]] = {"itc": [], "vit_cls": [], "vit_mean_patch": []}
+    out: dict[str, list[np.ndarray]] = {"itc": [], "vit_cls": [], "vit_mean_patch": [], "thumbnail": []}
     for i in range(0, len(images), 128):
         chunk = images[i : i + 128]
         raw = {
@@ -173,6 +179,12 @@ def embeddings(filter_dir: str, images: list[dict[str, Any]]) -> dict[str, np.nd
         }
         pixels = preprocess_batch(raw, [ref.image_size])[pixel_column(ref.image_size)]
         out["itc"].append(image_features(med, pixels))
+        # No model at all: a 16x16 colour thumbnail, centred per image so the cosine compares the
+        # picture's layout rather than its mean colour.
+        thumbs = pixels.reshape(len(chunk), 16, pixels.shape[1] // 16, 16, pixels.shape[2] // 16, 3)
+        flat = thumbs.mean(axis=(2, 4)).reshape(len(chunk), -1)
+        flat = flat - flat.mean(axis=1, keepdims=True)
+        out["thumbnail"].append(flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12))
         with torch.inference_mode():
             h = med.encode_image(pixel_values(pixels))  # [B, 1+P, Dv]
             out["vit_cls"].append(torch.nn.functional.normalize(h[:, 0], dim=-1).numpy())
@@ -200,11 +212,11 @@ def _dups(
     return find_duplicates(table, min_cosine, **kw).to_pylist()  # type: ignore[no-any-return]
 
 
-def evaluate_world(w: dict[str, Any], filter_dir: str, default: float) -> dict[str, Any]:
+def evaluate_world(w: dict[str, Any], models: dict[str, str], default: float) -> dict[str, Any]:
     images = sorted(w["images"], key=lambda r: r["row"])  # keepers: the first by input row
     group, transform = truth_of(w["labels"], {r["row"]: r["uid"] for r in images})
     t0 = time.time()
-    emb = embeddings(filter_dir, images)
+    emb = embeddings(models["filter"], images, models.get("tokenizer"))
     embed_s = time.time() - t0
     out: dict[str, Any] = {
         "images": len(images),
@@ -226,12 +238,19 @@ def evaluate_world(w: dict[str, Any], filter_dir: str, default: float) -> dict[s
     return out
 
 
-def choose_threshold(sweep: dict[str, dict[str, Any]]) -> float | None:
-    """The lowest swept min_cosine whose precision reaches TUNE_PRECISION (most recall at that)."""
-    ok = [
-        float(c) for c, m in sweep.items() if m["precision"] is not None and m["precision"] >= TUNE_PRECISION
-    ]
-    return min(ok) if ok else None
+def choose_threshold(sweep: dict[str, dict[str, Any]]) -> tuple[float, str]:
+    """The lowest swept min_cosine whose precision reaches TUNE_PRECISION (most recall at that);
+    when none does, the one of the best F1. Returns it and which rule chose it."""
+    ok = [float(c) for c, m in sweep.items() if (m["precision"] or 0.0) >= TUNE_PRECISION]
+    if ok:
+        return min(ok), f"lowest with precision >= {TUNE_PRECISION}"
+
+    def f1(m: dict[str, Any]) -> float:
+        p, r = m["precision"] or 0.0, m["recall"] or 0.0
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    best = max(sweep, key=lambda c: (f1(sweep[c]), float(c)))
+    return float(best), f"no threshold reaches precision {TUNE_PRECISION}: the best F1"
 
 
 # ------------------------------------------------------------------------------ CapFilt runs
@@ -302,7 +321,11 @@ def capfilt_runs(w: dict[str, Any], models: dict[str, str], root: Path, min_cosi
 
 def _models(args: argparse.Namespace) -> dict[str, str]:
     if args.run:
-        tuned = json.loads((Path(args.run) / "_stages" / "finetune.json").read_text())["result"]
+        stages = Path(args.run) / "_stages"
+        if not (stages / "finetune.json").is_file():  # a run that stopped after round 1: its model for both
+            r1 = json.loads((stages / "pretrain.json").read_text())["result"]
+            return {"captioner": r1["model_dir"], "filter": r1["model_dir"], "tokenizer": r1["tokenizer_dir"]}
+        tuned = json.loads((stages / "finetune.json").read_text())["result"]
         return {
             "captioner": tuned["captioner"]["model_dir"],
             "filter": tuned["filter"]["model_dir"],
@@ -329,6 +352,7 @@ def main() -> None:
     p.add_argument(
         "--skip-capfilt", action="store_true", help="leave out the CapFilt runs (before captioning)"
     )
+    p.add_argument("--capfilt-n-web", type=int, help="web rows of the report-seed world CapFilt runs on")
     p.add_argument("--work", help="a folder for the worlds and runs (default: a temp folder)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
@@ -339,10 +363,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     tune = make_downloaded_world(work, args.tune_seed, args.n_web, args.rate)
-    tune_eval = evaluate_world(tune, models["filter"], DEFAULT_MIN_COSINE)
-    chosen = choose_threshold(tune_eval["semantic_itc"])
+    tune_eval = evaluate_world(tune, models, DEFAULT_MIN_COSINE)
+    chosen = {
+        k[len("semantic_") :]: choose_threshold(v) for k, v in tune_eval.items() if k.startswith("semantic_")
+    }
     report = make_downloaded_world(work, args.report_seed, args.n_web, args.rate)
-    report_eval = evaluate_world(report, models["filter"], DEFAULT_MIN_COSINE)
+    report_eval = evaluate_world(report, models, DEFAULT_MIN_COSINE)
     at_default = report_eval["semantic_itc"].get(f"{DEFAULT_MIN_COSINE:g}")
     if at_default is None:
         raise SystemExit(f"add the default min_cosine {DEFAULT_MIN_COSINE} to SWEEP")
@@ -356,7 +382,11 @@ def main() -> None:
         },
         "default_min_cosine": DEFAULT_MIN_COSINE,
         "chosen_on_tune_world": chosen,
-        "tune_rule": f"lowest swept min_cosine with precision >= {TUNE_PRECISION} on the tune world",
+        "tune_rule": f"lowest swept min_cosine with precision >= {TUNE_PRECISION} on the tune world, else best F1",
+        "report_world_at_each_kinds_tuned_threshold": {
+            kind: {"min_cosine": c, **report_eval[f"semantic_{kind}"][f"{c:g}"]}
+            for kind, (c, _) in chosen.items()
+        },
         "goal": {"precision": PRECISION_GOAL, "recall": RECALL_GOAL},
         "report_world": {
             "exact": report_eval["exact"],
@@ -371,7 +401,12 @@ def main() -> None:
         "report_world_sweeps": report_eval,
     }
     if not args.skip_capfilt:
-        result["capfilt"] = capfilt_runs(report, models, work / "runs", DEFAULT_MIN_COSINE)
+        n = args.capfilt_n_web or args.n_web
+        world = report if n == args.n_web else make_downloaded_world(work, args.report_seed, n, args.rate)
+        result["capfilt"] = {
+            "n_web": n,
+            **capfilt_runs(world, models, work / f"runs-{n}", DEFAULT_MIN_COSINE),
+        }
     result["wall_s"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
