@@ -113,7 +113,11 @@ def test_generated_options_restate_no_default(tmp_path):
     # `capfilt capfilt --k` exists because CapFiltConfig has `k`; unset options leave its default.
     from capfilt.stages.capfilt.config import CapFiltConfig
 
-    help_text = CliRunner().invoke(app, ["capfilt", "--help"], terminal_width=200).output
+    # rich sizes the help from COLUMNS, not from click's terminal_width: a long flag pair
+    # (--dedup-before/--no-dedup-before) would otherwise cut other names short at 80 columns.
+    help_text = (
+        CliRunner().invoke(app, ["capfilt", "--help"], terminal_width=200, env={"COLUMNS": "200"}).output
+    )
     for field in CapFiltConfig.model_fields:
         assert f"--{field.replace('_', '-')}" in help_text, field
     bad = CliRunner().invoke(app, ["capfilt", "--data", str(tmp_path), "--out", str(tmp_path), "--k", "0"])

@@ -24,6 +24,9 @@ CLEANED_DIR = "cleaned"  # texts a filter kept, one row per (image, text), in th
 CANDIDATES_DIR = "candidates"  # every text considered, with its scores, decision and reason
 CAPTIONS_DIR = "captions"  # a caption-only run (no filter): every synthetic caption, unscored
 CALIBRATION = "_calibration.json"  # thresholds per text source from a labelled sample (`capfilt calibrate`)
+EMBEDDINGS_DIR = "embeddings"  # EMBEDDING: each image's filter embedding, per shard (what dedup reads)
+REMOVED_DIR = "removed"  # REMOVED: rows a dedup took out (dedup stage, or CapFilt's dedup_before)
+DEDUP_BEFORE = "_dedup_before.parquet"  # CapFilt's dedup_before plan: the images it skips, and why
 PARTS_DIR = "_parts"  # _parts/NNNNN/*.parquet: a shard's candidate rows, chunk by chunk, until it is written
 
 # A training folder.

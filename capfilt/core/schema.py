@@ -157,6 +157,36 @@ CLEANED = pa.schema(
     ]
 )
 
+#: One image's embedding from the filter, per CapFilt shard (``embeddings/NNNNN.parquet``), one row
+#: per decodable image: the L2-normalised ITC image feature (``vision_proj`` of the ViT's [CLS]) it
+#: was scored with, in float16. ``list<halffloat>`` round-trips through Parquet (pyarrow >= 15) and
+#: holds any model's width under this one schema; a fixed_size_list would need a schema per width.
+EMBEDDING = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),  # the image's (input row's) uid
+        pa.field("model_id", pa.string(), nullable=False),  # the filter's id (name + hash of its weights)
+        pa.field("embedding", pa.list_(pa.float16()), nullable=False),
+    ]
+)
+
+# Why dedup removed a row (``REMOVED.reason``).
+EXACT_DUPLICATE = "exact_duplicate"  # the same image bytes (sha256) as the kept image, another URL
+NEAR_DUPLICATE = "near_duplicate"  # an embedding within min_cosine of the kept image's (transitively)
+DEDUP_REASONS = (EXACT_DUPLICATE, NEAR_DUPLICATE)
+
+#: A row dedup removed (``removed/NNNNN.parquet``): every CLEANED column, so a removed row can be
+#: put back as it was, plus why, the uid of the image kept in its place, and the cosine of their
+#: embeddings (null when one has none). Before captioning a removed row is the image's web text,
+#: unscored (``text`` may then be null), its bytes referenced in the download shard (``image_ref``).
+REMOVED = pa.schema(
+    [f if f.name != "text" else f.with_nullable(True) for f in CLEANED]
+    + [
+        pa.field("reason", pa.string(), nullable=False),  # one of DEDUP_REASONS
+        pa.field("duplicate_of", pa.string(), nullable=False),  # uid of the image kept instead
+        pa.field("cosine", pa.float32()),
+    ]
+)
+
 #: Per-shard statistics, written as JSON beside each shard, last, to mark the shard done.
 SHARD_STATS = pa.schema(
     [

@@ -89,6 +89,8 @@ class Stage:
     help: ClassVar[str] = ""
     #: Shared recipe inputs it reads ("human", "urls"): the shapes world provides them, else the recipe must.
     reads: ClassVar[frozenset[str]] = frozenset()
+    #: Whether a recipe that lists no stages runs it; an opt-in stage (dedup) runs only when listed.
+    by_default: ClassVar[bool] = True
 
     # --- the recipe -----------------------------------------------------------------------------
 

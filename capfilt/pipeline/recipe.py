@@ -144,7 +144,7 @@ class Recipe(BaseModel):
     name: str
     # The run folder, a local path or a URI (s3://bucket/runs/x); each stage writes a sub-folder.
     out: PathOrURI
-    stages: list[str] = Field(default_factory=lambda: list(registry.names()))
+    stages: list[str] = Field(default_factory=lambda: list(registry.default_names()))
     ray_address: str | None = None
     urls: UrlListInput | None = None
     human: HumanInput | None = None

@@ -101,6 +101,7 @@ def world_caption_labels(labelled: Any, n: int, seed: int, avoid_uids: set[str])
 class CalibrateStage(Stage):
     name = "calibrate"
     help = "pick CapFilt's thresholds for a target precision from labelled pairs, and apply them"
+    by_default = False  # opt-in: it needs labels (or the shapes world's truth to draw them from)
     sections: ClassVar[Mapping[str, Section]] = {
         "calibrate": Section(
             CalibrateConfig, default_factory=CalibrateConfig, help="labels, target precision"

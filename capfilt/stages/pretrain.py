@@ -157,17 +157,20 @@ class PretrainStage(_TrainingStage):
 
 class Pretrain2Stage(_TrainingStage):
     name = "pretrain2"
-    help = "pretrain a new MED (round 2) with the same section on CapFilt's cleaned shards"
+    help = "pretrain a new MED (round 2) with the same section on CapFilt's (or dedup's) cleaned shards"
     reads = frozenset({"human"})
 
     def check(self, recipe: Any, check_paths: bool) -> None:
         _section(recipe)
 
     def upstream(self, recipe: Any) -> list[str]:
-        extra = [
-            s for s in ("calibrate", "vit") if s in recipe.stages
-        ]  # calibrate re-decides capfilt's output
+        # calibrate re-decides capfilt's output; dedup (when listed) is what round 2 reads
+        extra = [s for s in ("dedup", "calibrate", "vit") if s in recipe.stages]
         return ["capfilt", "pretrain", *extra]
+
+    def _data_stage(self, recipe: Any) -> str:
+        """Whose cleaned shards round 2 trains on: dedup's when the recipe dedups, else CapFilt's."""
+        return "dedup" if "dedup" in recipe.stages else "capfilt"
 
     def key(self, recipe: Any) -> Any:
         return {"train": _section(recipe).key()}
@@ -181,7 +184,8 @@ class Pretrain2Stage(_TrainingStage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         r1 = ctx.run.manifest("pretrain")["result"]
         vision, _ = vision_init(ctx)  # the same starting ViT as round 1
-        data = [{"path": str(ctx.run.dir("capfilt") / CLEANED_DIR)}]  # web, synthetic and human kept
+        # web, synthetic and human kept (duplicates out, when the recipe dedups)
+        data = [{"path": str(ctx.run.dir(self._data_stage(ctx.recipe)) / CLEANED_DIR)}]
         return train(
             ctx, _section(ctx.recipe), data, ctx.dir, "pretrain2", tokenizer=r1["tokenizer_dir"], **vision
         )

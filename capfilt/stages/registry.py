@@ -22,6 +22,7 @@ _BUILTIN: tuple[tuple[str, str], ...] = (
     ("capfilt.stages.finetune", "STAGE"),
     ("capfilt.stages.capfilt", "STAGE"),
     ("capfilt.stages.calibrate", "STAGE"),
+    ("capfilt.stages.dedup", "STAGE"),
     ("capfilt.stages.pretrain", "PRETRAIN2"),
     ("capfilt.stages.evaluate", "STAGE"),
 )
@@ -43,6 +44,11 @@ def stages() -> Iterator[Stage]:
 
 def names() -> tuple[str, ...]:
     return tuple(s.name for s in _load())
+
+
+def default_names() -> tuple[str, ...]:
+    """The stages a recipe runs when it lists none: every stage but the opt-in ones."""
+    return tuple(s.name for s in _load() if s.by_default)
 
 
 def get(name: str) -> Stage:

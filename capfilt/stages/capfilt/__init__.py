@@ -108,11 +108,20 @@ class CapFiltStage(Stage):
         return summary.to_json()
 
     def summary(self, result: Mapping[str, Any]) -> list[str]:
-        return [
+        lines = [
             f"images {readable(result.get('images'))}, texts considered {readable(result.get('texts_considered'))}",
             f"kept {readable(result.get('kept'))}, images with no kept text {readable(result.get('images_no_kept_text'))}",
             f"mean ITM {readable(result.get('mean_itm'))}",
         ]
+        before = (result.get("extra") or {}).get("dedup_before")
+        if before:
+            lines.append(
+                f"dedup before captioning: {readable(before['images_skipped'])} images skipped "
+                f"(exact {readable(before['images_skipped_exact'])}, near {readable(before['images_skipped_near'])}), "
+                f"about {readable(before.get('seconds_saved'))} s of captioning + filtering saved "
+                f"for {readable(before.get('embed_pass_s'))} s of embedding"
+            )
+        return lines
 
     def report(self, result: Mapping[str, Any]) -> Mapping[str, Any] | None:
         return {k: v for k, v in result.items() if k not in ("reason_counts",)}

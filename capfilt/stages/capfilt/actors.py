@@ -12,10 +12,11 @@ import numpy as np
 import pyarrow as pa
 
 from capfilt.stages.capfilt.caption import caption_batch
-from capfilt.stages.capfilt.chunks import candidates_of_chunks, map_chunks
+from capfilt.stages.capfilt.chunks import candidates_of_chunks, embeddings_of_chunks, map_chunks
 from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.capfilt.embed import embed_batch
 from capfilt.stages.capfilt.models import ModelRef, load_model
-from capfilt.stages.capfilt.score import score_batch
+from capfilt.stages.capfilt.score import score_and_embed_batch
 from capfilt.stages.capfilt.writer import write_parts
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,9 @@ class CaptionerActor:
 
 
 class FilterActor:
-    """Loads the filter from a path and turns chunks of images into scored candidate rows; with
-    ``out``, writes them to part files there and returns their receipts."""
+    """Loads the filter from a path and turns chunks of images into scored candidate rows (each
+    web row with its image's embedding); with ``out``, writes them to part files there and
+    returns their receipts."""
 
     def __init__(self, ref: ModelRef, cfg: CapFiltConfig, out: str | None = None) -> None:
         from capfilt.model.tokenizer import load_tokenizer
@@ -62,6 +64,20 @@ class FilterActor:
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         candidates = candidates_of_chunks(
-            batch, lambda images: score_batch(self.model, self.tokenizer, images, self.cfg)
+            batch, lambda images: score_and_embed_batch(self.model, self.tokenizer, images, self.cfg)
         )
         return candidates if self.out is None else write_parts(candidates, self.out)
+
+
+class ImageEmbedActor:
+    """Loads the filter from a path and embeds chunks of images with its ViT and ``vision_proj``
+    alone (dedup before captioning): uid, input shard, row and embedding of each image."""
+
+    def __init__(self, ref: ModelRef, cfg: CapFiltConfig) -> None:
+        t0 = time.time()
+        _set_threads(cfg)
+        self.model = load_model(ref, "filter", cfg)
+        log.info("image embedder %s ready in %.1f s", ref.model_id, time.time() - t0)
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        return embeddings_of_chunks(batch, lambda images: embed_batch(self.model, images))

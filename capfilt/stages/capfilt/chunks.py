@@ -12,9 +12,15 @@ import pyarrow.compute as pc
 from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.stages.capfilt.config import CapFiltConfig
+from capfilt.stages.capfilt.embed import VECTOR
 from capfilt.stages.capfilt.pixels import preprocess_batch
 from capfilt.stages.capfilt.score import CANDIDATE_FIELDS, unscored_batch
 from capfilt.stages.capfilt.writer import write_parts
+
+# What the image-embedding pass (dedup before captioning) returns per image.
+EMBEDDED = pa.schema(
+    [("uid", pa.string()), ("row", pa.int64()), ("embedding", VECTOR), ("input_shard", pa.string())]
+)
 
 # Chunks: one Ray row per model batch.
 #
@@ -83,19 +89,37 @@ def candidates_of_chunks(batch: dict[str, Any], fn: Any) -> pa.Table:
     return pa.schema([*CANDIDATE_FIELDS, pa.field("chunk", pa.int64())]).empty_table()
 
 
-def read_chunks(batch: dict[str, Any], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def embeddings_of_chunks(batch: dict[str, Any], fn: Any) -> pa.Table:
+    """Embedding rows (uid, row, embedding; ``embed.embed_batch``) of every chunk of a batch, each
+    tagged with its input shard."""
+    tables = []
+    for i in range(len(batch["chunk"])):
+        table = fn(_unpack(batch, i))
+        shard = pa.array([str(batch["input_shard"][i])] * table.num_rows, pa.string())
+        tables.append(table.append_column("input_shard", shard))
+    return pa.concat_tables(tables) if tables else EMBEDDED.empty_table()
+
+
+def read_chunks(
+    batch: dict[str, Any], batch_size: int, skip: dict[str, list[str]] | None = None
+) -> Iterator[dict[str, np.ndarray]]:
     """Ray task: stream each shard in ``batch`` (``path``, ``input_shard``) and yield its
     downloaded images (status success) as chunks of ``batch_size``, one Ray row per chunk. Rows
-    that are not images never leave the file; the driver counts them (``inputs._plan``)."""
+    that are not images never leave the file; the driver counts them (``inputs._plan``). The
+    uids in ``skip[shard]`` (duplicates found before captioning) are left out too."""
     columns = ["uid", "text", "status", "row", "image"]
     for path, shard in zip(batch["path"], batch["input_shard"], strict=True):
+        skipped = pa.array(sorted((skip or {}).get(str(shard), [])), pa.string())
         pending: list[pa.Table] = []
         buffered = chunk = 0
         for record_batch in fs.parquet_file(str(path)).iter_batches(
             batch_size=max(batch_size, 256), columns=columns
         ):
             part = pa.Table.from_batches([record_batch])
-            part = part.filter(pc.equal(part.column("status"), S.SUCCESS)).drop(["status"])
+            wanted = pc.equal(part.column("status"), S.SUCCESS)
+            if len(skipped):
+                wanted = pc.and_(wanted, pc.invert(pc.is_in(part.column("uid"), skipped)))
+            part = part.filter(wanted).drop(["status"])
             pending.append(part)
             buffered += part.num_rows
             while buffered >= batch_size:

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from capfilt.eval.dedup import DEFAULT_MIN_COSINE
+
 STAGE = "capfilt"  # the stage's name in manifests and stats
 
 
@@ -57,6 +59,12 @@ class CapFiltConfig(BaseModel):
     # decoding inside a model actor would leave its model idle meanwhile.
     preprocess_cpus: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, ge=1)  # None: what Ray gives the worker
+    # Dedup before captioning (capfilt.stages.capfilt.dedup_before): embed every image with the
+    # filter's ViT + vision_proj first, and neither caption nor score the exact duplicates (same
+    # sha256) and near duplicates (cosine >= dedup_min_cosine) of an earlier image; they go to
+    # removed/ with the uid they duplicate. Needs a filter.
+    dedup_before: bool = False
+    dedup_min_cosine: float = Field(DEFAULT_MIN_COSINE, ge=-1, le=1)
 
     @model_validator(mode="after")
     def _check(self) -> CapFiltConfig:

@@ -51,13 +51,14 @@ from typing import Any
 from capfilt.core import fs
 from capfilt.core.errors import ConfigError, StageFailed
 from capfilt.core.fs import Location
-from capfilt.core.layout import MANIFEST, PARTS_DIR, SUMMARY
+from capfilt.core.layout import MANIFEST, PARTS_DIR, STATS_DIR, SUMMARY
 from capfilt.core.logs import log_context
 from capfilt.core.shards import read_json, write_json_atomic
 from capfilt.stages.capfilt.actors import CaptionerActor, FilterActor
 from capfilt.stages.capfilt.chunks import preprocess_chunks, read_chunks, unscored_chunks
 from capfilt.stages.capfilt.config import STAGE, CapFiltConfig
 from capfilt.stages.capfilt.decisions import kept_dir
+from capfilt.stages.capfilt.dedup_before import per_image_seconds, plan_dedup_before, work_saved
 from capfilt.stages.capfilt.human import HumanShard, human_shards, write_human_shard
 from capfilt.stages.capfilt.inputs import _input_files, _Plan, _plan
 from capfilt.stages.capfilt.models import ModelRef, resolve_model
@@ -131,8 +132,12 @@ def _dataset(
     shards = [{"path": str(p.path), "input_shard": p.name} for p in plans]
     ds: Any = ray.data.from_items(shards, override_num_blocks=len(shards))  # one read task per shard
     # Read and decode run in the same task (Ray fuses them), one task per shard, streaming.
+    skip = {p.name: [r["uid"] for r in p.skipped] for p in plans if p.skipped}  # dedup_before's
     ds = ds.map_batches(
-        read_chunks, fn_kwargs={"batch_size": cfg.batch_size}, batch_size=1, num_cpus=cfg.preprocess_cpus
+        read_chunks,
+        fn_kwargs={"batch_size": cfg.batch_size, "skip": skip},
+        batch_size=1,
+        num_cpus=cfg.preprocess_cpus,
     )
     ds = ds.map_batches(
         preprocess_chunks, fn_kwargs={"image_sizes": sizes}, batch_size=1, num_cpus=cfg.preprocess_cpus
@@ -353,17 +358,28 @@ def run_capfilt(
     todo = [p for p in plans if p.name not in done][:max_shards]
     log.info("%d input shards (%d already done, %d to run)", len(plans), len(done), len(todo))
     humans_todo = [h for h in humans if not shard_done(out_dir, h.name)]
+    skipping = plan_dedup_before(out_dir, plans, filt_ref, cfg, ray_address) if cfg.dedup_before else None
     written = 0
+    t_models, images_run = time.time(), sum(p.images for p in todo)
     if todo or humans_todo:
         ensure_ray(ray_address)
         # Batch size and actors per GPU from its free memory, where the recipe left them unset.
         cfg = size_for_cluster(cfg, cap_ref, filt_ref)
         written = _write_shards(out_dir, todo, humans_todo, cap_ref, filt_ref, ids, cfg, t0)
+    t_models = time.time() - t_models
 
     summary = summarize(out_dir, cfg.threshold, len(plans) + len(humans))
     summary.shards_written = written
     summary.shards_skipped = len(done)
     summary.shards_pending = len(plans) - len(done) - len(todo)
     summary.wall_s = time.time() - t0
+    if skipping is not None:
+        ran = [
+            read_json(out_dir / STATS_DIR / f"{p.name}.json")
+            for p in todo
+            if shard_done(out_dir, p.name, kept)
+        ]
+        per_image = per_image_seconds(ran, t_models, images_run)
+        summary.extra["dedup_before"] = work_saved(skipping, per_image, images_run, t_models)
     write_json_atomic(out_dir / SUMMARY, summary.to_json())
     return summary

@@ -4,7 +4,8 @@ and the images of given rows."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,8 +25,10 @@ class _Plan:
     name: str
     path: Location
     rows_in: int
-    images: int
+    images: int  # downloaded images the models see: dedup_before's skipped ones are not counted
     status_counts: dict[str, int]
+    # Images dedup_before skips (never captioned or scored): uid, reason, duplicate_of, cosine each.
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _input_files(data: Location, flag: str = "--data") -> list[Location]:

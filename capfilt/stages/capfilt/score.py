@@ -12,6 +12,7 @@ from capfilt.core import schema as S
 from capfilt.core.text import pre_caption
 from capfilt.stages.capfilt.config import CapFiltConfig
 from capfilt.stages.capfilt.decisions import DROP, KEEP, REASON_EMPTY, REASON_NO_FILTER, decide
+from capfilt.stages.capfilt.embed import with_embeddings
 from capfilt.stages.capfilt.pixels import device_dtype, error_column, pixel_column, pixel_values, str_or_none
 from capfilt.stages.capfilt.select import select_rows
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
     from capfilt.model.med import Med
 
-__all__ = ["CANDIDATE_FIELDS", "decide", "score_batch", "unscored_batch"]
+__all__ = ["CANDIDATE_FIELDS", "decide", "score_and_embed_batch", "score_batch", "unscored_batch"]
 
 
 _CANDIDATE_COLUMNS = (
@@ -129,11 +130,30 @@ def score_batch(
     Each image is encoded once for all of its texts: one ViT pass, and one set of cross-attention
     keys/values in the image-grounded encoder for all its texts (``_layout``); all pairs of the
     batch go through that encoder in one call."""
+    return _as_table(_score(filter, tokenizer, batch, cfg)[0])
+
+
+def score_and_embed_batch(
+    filter: Med, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Any], cfg: CapFiltConfig
+) -> pa.Table:
+    """``score_batch``'s rows, each web row carrying its image's L2-normalised ITC feature
+    (``embed.EMBEDDING_COLUMN``, float16): the filter actor's output. The feature is the one
+    the ITC scores were computed with, so it costs no model work."""
+    cols, feats = _score(filter, tokenizer, batch, cfg)
+    return with_embeddings(_as_table(cols), feats)
+
+
+def _score(
+    filter: Med, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Any], cfg: CapFiltConfig
+) -> tuple[dict[str, list[Any]], dict[str, np.ndarray]]:
+    """The candidate columns of a batch, scored and decided, and the ITC image feature of each
+    scored image by uid."""
     import torch
 
     from capfilt.model.tokenizer import tokenize
 
     cols, to_score = _assemble(batch, cfg)
+    feats: dict[str, np.ndarray] = {}
     if to_score:
         filter.eval()
         device, dtype = device_dtype(filter)
@@ -155,12 +175,14 @@ def score_batch(
             which = torch.tensor(
                 [image_of[i] for i, _, _ in to_score], device=device
             )  # [N] image of each pair
-            image_feat = filter.image_feat(embeds).index_select(0, which).float()  # [N, E]
+            per_image = filter.image_feat(embeds).float()  # [B, E], L2-normalised
+            image_feat = per_image.index_select(0, which)  # [N, E]
             itc = (image_feat * filter.text_feat(ids, mask).float()).sum(dim=-1)  # [N], summed in float32
         for (_, _, r), p, c in zip(
             to_score, itm.float().cpu().tolist(), itc.float().cpu().tolist(), strict=True
         ):
             cols["itm_score"][r], cols["itc_score"][r] = p, c
+        feats = {str(batch["uid"][i]): v for i, v in zip(images, per_image.cpu().numpy(), strict=True)}
         # Every text of an image is in this batch: the selection policy sees them all.
         cols["decision"], cols["reason"], cols["rank"] = select_rows(
             cols["uid"],
@@ -174,4 +196,4 @@ def score_batch(
             threshold=cfg.threshold,
             thresholds=cfg.thresholds,
         )
-    return _as_table(cols)
+    return cols, feats

@@ -1,7 +1,8 @@
 """Writing CapFilt's outputs in Ray workers: each chunk's candidate rows to a part file
 (``write_parts``, the last act of the filter actor or of the unscored step), then each shard's
 outputs atomically from its parts and its input shard's images (``write_web_shard``, a Ray task):
-candidates, kept rows (cleaned/ or captions/), then its stats (last: they mark it done). The
+candidates, kept rows (cleaned/ or captions/), the filter's image embeddings (embeddings/), the
+images dedup_before skipped (removed/), then its stats (last: they mark it done). The
 driver only sees the small receipts and stats these return."""
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from capfilt.core import fs
 from capfilt.core import schema as S
 from capfilt.core.errors import StageFailed
 from capfilt.core.fs import Location
-from capfilt.core.layout import CLEANED_DIR, PARTS_DIR
+from capfilt.core.layout import CLEANED_DIR, EMBEDDINGS_DIR, PARTS_DIR, REMOVED_DIR
 from capfilt.core.shards import inside, write_json_atomic, write_parquet_atomic
 from capfilt.stages.capfilt.config import STAGE, CapFiltConfig
 from capfilt.stages.capfilt.decisions import KEEP, REASON_UNDECODABLE, kept_dir, reason_key, shard_paths
+from capfilt.stages.capfilt.dedup_before import skipped_table
+from capfilt.stages.capfilt.embed import embedding_table
 from capfilt.stages.capfilt.inputs import _Plan, input_images
 from capfilt.stages.capfilt.score import CANDIDATE_FIELDS
 from capfilt.stages.capfilt.select import selection_record
@@ -180,7 +183,8 @@ def write_web_shard(
 ) -> dict[str, Any]:
     """Ray task: one input shard's outputs from its part files (every candidate row of its
     images) and its images: candidates, kept rows, then stats (last). Returns the stats."""
-    candidates = candidate_table([fs.read_parquet(p) for p in parts], ids)
+    tables = [fs.read_parquet(p) for p in parts]
+    candidates = candidate_table(tables, ids)
     images = int(pc.sum(pc.equal(candidates.column("text_source"), "web")).as_py() or 0)
     if images != plan.images:
         raise StageFailed(f"shard {plan.name}: {plan.images} images in, {images} came back")
@@ -191,6 +195,12 @@ def write_web_shard(
     candidates_file, kept_file, stats_file = shard_paths(out, plan.name, kept_dir(ids.filter_id is not None))
     write_parquet_atomic(candidates_file, candidates)
     write_parquet_atomic(kept_file, cleaned)
+    if ids.filter_id is not None:  # each image's filter embedding, for dedup
+        write_parquet_atomic(
+            out / EMBEDDINGS_DIR / f"{plan.name}.parquet", embedding_table(tables, ids.filter_id)
+        )
+    if cfg.dedup_before:  # the images skipped as duplicates, with why and of what
+        write_parquet_atomic(out / REMOVED_DIR / f"{plan.name}.parquet", skipped_table(plan, ids))
     extra = {
         "input": str(plan.path),
         "rows_in": plan.rows_in,
@@ -199,6 +209,7 @@ def write_web_shard(
         "images_not_decodable": _undecodable(candidates),
         "wall_s": round(time.time() - t0, 3),
         "selection": selection_record(cfg),
+        "images_skipped_duplicate": len(plan.skipped),
     }
     stats = shard_stats(plan.name, "web", candidates, cleaned.num_rows, extra, cfg.threshold)
     write_json_atomic(stats_file, stats)  # last: the shard is done
