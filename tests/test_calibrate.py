@@ -69,3 +69,18 @@ def test_bad_inputs_fail_before_any_work(tmp_path) -> None:
     pq.write_table(pa.table({"text_uid": ["a", "b"], "correct": [1, None]}), path)
     with pytest.raises(ConfigError, match="no 'correct' value"):
         read_labels(path)
+
+
+def test_the_wilson_interval_does_not_collapse_on_a_few_kept_rows() -> None:
+    """Five labelled rows kept, all correct: the bootstrap interval is 1.000-1.000, the Wilson
+    interval still admits a much lower precision (the demo's case: 0.961 on the other rows)."""
+    from capfilt.eval.calibrate import wilson_interval
+
+    scores = np.r_[np.linspace(0.9, 0.95, 5), np.linspace(0.1, 0.8, 295)]
+    correct = np.r_[np.ones(5, bool), np.arange(295) % 2 == 1]  # the best of the rest is wrong
+    cal = calibrate(scores, correct, 0.95, resamples=200)
+    assert cal.kept == 5 and cal.precision == 1.0 and cal.precision_ci == (1.0, 1.0)
+    assert cal.precision_wilson is not None and cal.precision_wilson[0] < 0.6 < cal.precision_wilson[1] == 1.0
+    lo, hi = wilson_interval(50, 100)
+    assert lo < 0.5 < hi and round(hi - 0.5, 6) == round(0.5 - lo, 6)
+    assert wilson_interval(0, 0) is None

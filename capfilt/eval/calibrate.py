@@ -83,6 +83,10 @@ class Calibration:
     unreachable_resamples: float  # share of bootstrap resamples where no threshold reached the target
     confidence: float = 0.95
     curve: dict[str, list[float]] = field(default_factory=dict)
+    # Wilson score interval of the precision on the `kept` labelled rows. The bootstrap interval
+    # collapses when few rows are kept and all are correct (5 of 5 gives 1.000-1.000); this one
+    # does not (5 of 5: 0.566-1.000). A promise should quote its lower end.
+    precision_wilson: tuple[float, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,12 +98,27 @@ class Calibration:
                 f"labelled rows ({self.n_correct} correct)"
             )
         p_lo, p_hi = self.precision_ci or (float("nan"), float("nan"))
+        w_lo, w_hi = self.precision_wilson or (float("nan"), float("nan"))
         t_lo, t_hi = self.threshold_ci or (float("nan"), float("nan"))
         return (
             f"{self.source}: threshold {self.threshold:.3f} (range {t_lo:.3f}-{t_hi:.3f}) keeps "
             f"{self.kept}/{self.n_labels} labelled rows at precision {self.precision:.3f} "
-            f"({self.confidence:.0%} interval {p_lo:.3f}-{p_hi:.3f}), recall {self.recall:.3f}"
+            f"({self.confidence:.0%} interval {p_lo:.3f}-{p_hi:.3f} bootstrap, {w_lo:.3f}-{w_hi:.3f} Wilson), "
+            f"recall {self.recall:.3f}"
         )
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """The Wilson score interval of a binomial proportion (successes of n)."""
+    from statistics import NormalDist
+
+    if n <= 0:
+        return None
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)
 
 
 def calibrate(
@@ -165,6 +184,7 @@ def calibrate(
         unreachable_resamples=unreachable / resamples,
         confidence=confidence,
         curve=curve,
+        precision_wilson=wilson_interval(round((precision or 0.0) * kept), kept, confidence),
     )
 
 

@@ -466,6 +466,7 @@ def _calibration(calibration: Mapping[str, Mapping[str, Any]], files: Path) -> s
                 f"{_num(t_lo, 3)} – {_num(t_hi, 3)}",
                 _pct(c.get("precision")),
                 f"{_pct(lo)} – {_pct(hi)}",
+                "{} – {}".format(*(_pct(x) for x in (c.get("precision_wilson") or (None, None)))),
                 _pct(c.get("recall")),
             ]
         )
@@ -481,13 +482,14 @@ def _calibration(calibration: Mapping[str, Mapping[str, Any]], files: Path) -> s
                 "threshold",
                 "threshold range",
                 "precision",
-                "precision interval",
+                "precision interval (bootstrap)",
+                "(Wilson)",
                 "recall",
             ],
             rows,
-            (1, 2, 3, 5, 7),
+            (1, 2, 3, 5, 8),
         )
-        + '<p class="note">on the labelled sample; the ranges are bootstrap 95 % intervals: the precision interval is where the precision on unlabelled rows is expected to fall</p>'
+        + '<p class="note">on the labelled sample; 95 % intervals: the threshold range and the first precision interval by bootstrap, the second by Wilson score (it does not collapse when the few kept rows are all correct); the precision on unlabelled rows should fall inside</p>'
     ]
     if curves:
         calibration_figure(files / "calibration.png", curves)
